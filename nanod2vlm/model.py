@@ -4,11 +4,16 @@ Read top-down: config, primitives (RMSNorm, RoPE, attention, MLP, LoRA), the EVA
 the Q-Former frame compressor, the Phi-3 decoder, then the D²VLM model that owns the <evi> mechanism,
 and last the checkpoint loading.
 """
+import json
+import math
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 @dataclass
@@ -46,6 +51,12 @@ class Config:
     # <evi> mechanism
     evi_layer: int = -1        # decoder block whose output feeds evi_head/frm_head; official code: -2
     evi_threshold: float = 0.6 # inference: salient frames have sigmoid(sim) >= 0.6 * max
+    evi_capture: bool = True   # visual semantic capture: <evi> input += mean of its frames (Tab. 6 ablation: off)
+    # special token ids, set from the tokenizer when the model is built (saved with every checkpoint)
+    image_id: int = 3
+    evi_id: int = 4
+    evi_end_id: int = 5
+    end_id: int = 6
     # video
     fps: float = 1.0
     max_frames: int = 350
@@ -59,3 +70,606 @@ CONFIGS = {
         qf_width=768, qf_layers=12, qf_heads=12, qf_mlp=3072, qf_queries=32, qf_vocab=30523,
         lora_r=128, lora_alpha=256.0, lora_dropout=0.05),
 }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Primitives
+
+class RMSNorm(nn.Module):
+    """Phi-3 RMSNorm: normalise in fp32, cast back, then scale (the same order as HF, so bf16 matches)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(pos, head_dim, theta, dtype):
+    """RoPE tables for explicit positions pos (B, L) -> cos, sin (B, 1, L, head_dim), built in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float) / head_dim)
+    freqs = pos[:, None, :, None].float() * inv_freq  # (B, 1, L, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, nh, L, hd) with the HF "rotate_half" convention: dimension i pairs with i + hd/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv_proj (rows: all q heads, then k, then v), no biases."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, L, C = x.shape
+        q, k, v = self.qkv_proj(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, L, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+class MLP(nn.Module):
+    """SiLU-gated MLP; the checkpoint stores gate and up fused in one matrix: gate rows first."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_mlp, bias=False)
+        self.down_proj = nn.Linear(cfg.n_mlp, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A dropout(x). Owns the wrapped `weight`, so `...qkv_proj.weight` still loads;
+    B starts at zero, so a fresh adapter leaves the model unchanged."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        assert base.bias is None, "Phi-3 linears have no bias"
+        self.weight = base.weight  # (out, in), the same Parameter
+        out_f, in_f = base.weight.shape
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in peft
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B A into W for fast inference (state_dict then holds the merged W)."""
+        if not self.merged:
+            self.weight += self.scale * (self.lora_B @ self.lora_A)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.weight -= self.scale * (self.lora_B @ self.lora_A)
+            self.merged = False
+
+
+def add_lora(model, cfg):
+    """Wrap every nn.Linear whose name ends in one of cfg.lora_targets with a LoRALinear (in place)."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.endswith(tuple(cfg.lora_targets))]
+    for name, m in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+    return model
+
+
+def mark_trainable(model, extra=()):
+    """Freeze everything except LoRA matrices and parameters whose name contains one of `extra`."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.endswith(("lora_A", "lora_B")) or any(e in name for e in extra)
+
+
+def save_adapter(model, path, extra=()):
+    """Save only the LoRA matrices (and parameters named by `extra`, e.g. the <evi> heads)."""
+    keep = lambda k: k.endswith(("lora_A", "lora_B")) or any(e in k for e in extra)
+    save_safetensors({k: v for k, v in model.state_dict().items() if keep(k)}, path)
+
+
+def load_adapter(model, path, extra=()):
+    """Load what save_adapter wrote; every LoRA (and `extra`) tensor must be in the file, with its shape."""
+    keep = lambda k: k.endswith(("lora_A", "lora_B")) or any(e in k for e in extra)
+    _load_tensors({k: v for k, v in model.state_dict().items() if keep(k)}, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EVA-CLIP ViT-G/14 (frozen). Parameter names equal timm's `Eva` keys, which are also the LAVIS/BLIP-2
+# `eva_vit_g` keys (cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.q_bias,attn.v_bias,
+# attn.proj,norm2,mlp.fc1,mlp.fc2}): both checkpoints load without renaming.
+
+class EVAAttention(nn.Module):
+    """Self-attention with a fused qkv weight and separate q and v biases (EVA has no k bias)."""
+
+    def __init__(self, dim, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EVABlock(nn.Module):
+    """Pre-LN transformer block (LayerNorm eps 1e-6, GELU MLP, no layer scale)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.vit_width
+        self.norm1 = nn.LayerNorm(C, eps=1e-6)
+        self.attn = EVAAttention(C, cfg.vit_heads)
+        self.norm2 = nn.LayerNorm(C, eps=1e-6)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(C, cfg.vit_mlp), fc2=nn.Linear(cfg.vit_mlp, C)))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class EVAViT(nn.Module):
+    """EVA-CLIP ViT-G/14 cut after cfg.vit_layers blocks (D²VLM: 39 of 40), no final norm, CLS dropped."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_patches = (cfg.img_size // cfg.patch) ** 2
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, cfg.vit_width, cfg.patch, stride=cfg.patch)))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_width))
+        self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.vit_width) * 0.02)
+        self.blocks = nn.ModuleList(EVABlock(cfg) for _ in range(cfg.vit_layers))
+
+    def forward(self, images):  # (N, 3, S, S) CLIP-normalised
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (N, n_patches, C)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 1:]  # (N, n_patches, C): patch tokens of the last kept block
+
+
+def eva_rename(cfg):
+    """Key filter for an EVA-CLIP ViT-G checkpoint (timm `Eva` or LAVIS `eva_vit_g` keys, converted to
+    safetensors): keep blocks < cfg.vit_layers and drop the final norm / fc_norm / head, so the 40-block
+    checkpoint gives the 39-block tower. Use: load_safetensors_into(vit, path, rename=eva_rename(cfg))."""
+    def rename(k):
+        if k.split(".")[0] in ("norm", "fc_norm", "head"):
+            return None
+        if k.startswith("blocks.") and int(k.split(".")[1]) >= cfg.vit_layers:
+            return None
+        return k
+    return rename
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Q-Former frame compressor (E.T. Chat). The BERT part's keys equal HF `InstructBlipQFormerModel`. The official
+# checkpoint uses LAVIS names; to load it: drop `qformer_bert.cls.*` and `embeddings.position_ids`, strip
+# `qformer_bert.bert.` to `qformer_bert.`, rename `.self.` -> `.attention.`, `embeddings.LayerNorm` -> `.layernorm`.
+
+def _dense(n_in, n_out, ln=False):
+    """BERT's `{dense}` or post-LN `{dense, LayerNorm}` sub-module (eps 1e-12), named as in the checkpoints."""
+    m = nn.ModuleDict(dict(dense=nn.Linear(n_in, n_out)))
+    if ln:
+        m["LayerNorm"] = nn.LayerNorm(n_out, eps=1e-12)
+    return m
+
+
+class BertAttention(nn.Module):
+    """Post-LN multi-head attention of x over kv: LN(x + dense(attn(x, kv)))."""
+
+    def __init__(self, cfg, kv_width):
+        super().__init__()
+        W = cfg.qf_width
+        self.n_head = cfg.qf_heads
+        self.attention = nn.ModuleDict(dict(query=nn.Linear(W, W), key=nn.Linear(kv_width, W),
+                                            value=nn.Linear(kv_width, W)))
+        self.output = _dense(W, W, ln=True)
+
+    def forward(self, x, kv, mask=None):
+        a, B, hs = self.attention, len(x), x.size(-1) // self.n_head
+        q, k, v = (lin(t).view(B, -1, self.n_head, hs).transpose(1, 2)
+                   for lin, t in ((a.query, x), (a.key, kv), (a.value, kv)))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B, T, W)
+        return self.output.LayerNorm(x + self.output.dense(y))
+
+
+def _ffn(x, intermediate, output):
+    return output.LayerNorm(x + output.dense(F.gelu(intermediate.dense(x))))
+
+
+class QFormerLayer(nn.Module):
+    """Queries and question text attend to each other; only the queries cross-attend to the image, and queries
+    and text have separate FFNs (`*_query` for the queries)."""
+
+    def __init__(self, cfg, cross):
+        super().__init__()
+        W, M = cfg.qf_width, cfg.qf_mlp
+        self.attention = BertAttention(cfg, W)
+        self.crossattention = BertAttention(cfg, cfg.vit_width) if cross else None
+        self.intermediate, self.output = _dense(W, M), _dense(M, W, ln=True)
+        self.intermediate_query, self.output_query = _dense(W, M), _dense(M, W, ln=True)
+
+    def forward(self, x, n_query, mask, img):
+        x = self.attention(x, x, mask)
+        q, t = x[:, :n_query], x[:, n_query:]
+        if self.crossattention is not None:
+            q = self.crossattention(q, img)
+        q = _ffn(q, self.intermediate_query, self.output_query)
+        return torch.cat([q, _ffn(t, self.intermediate, self.output)], 1)
+
+
+class QFormer(nn.Module):
+    """InstructBLIP's BERT Q-Former (cross-attention in layers 0, qf_cross_every, ...); returns the query outputs."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        W = cfg.qf_width
+        self.embeddings = nn.ModuleDict(dict(word_embeddings=nn.Embedding(cfg.qf_vocab, W),
+                                             position_embeddings=nn.Embedding(cfg.qf_max_pos, W),
+                                             layernorm=nn.LayerNorm(W, eps=1e-12)))
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
+            QFormerLayer(cfg, i % cfg.qf_cross_every == 0) for i in range(cfg.qf_layers))))
+
+    def forward(self, query, q_ids, q_valid, img):
+        e, n_query = self.embeddings, query.size(1)
+        text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
+        x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
+        mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
+        for layer in self.encoder.layer:
+            x = layer(x, n_query, mask, img)
+        return x[:, :n_query]  # (N, n_query, W)
+
+
+class FrameCompressor(nn.Module):
+    """Instruction-aware compressor: the patches of one frame plus the question -> one LLM token."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        V = cfg.vit_width
+        self.qformer_bert = QFormer(cfg)
+        self.qformer_query = nn.Parameter(torch.randn(1, cfg.qf_queries, cfg.qf_width) * 0.02)
+        self.qformer_ln = nn.LayerNorm(V)
+        self.qformer_proj = nn.Linear(cfg.qf_width, V)
+        self.qformer_q_proj = nn.Sequential(nn.LayerNorm(V), nn.Linear(V, V))
+        self.qformer_k_proj = nn.Sequential(nn.LayerNorm(V), nn.Linear(V, V))
+        # official code: `v_proj` is not a value projection but the output LN + Linear(vit_width -> n_embd)
+        self.qformer_v_proj = nn.Sequential(nn.LayerNorm(V), nn.Linear(V, cfg.n_embd))
+
+    def forward(self, patches, q_ids, q_valid):  # (N, P, V), (N, Lq), (N, Lq)
+        query = self.qformer_query.expand(len(patches), -1, -1)
+        query = self.qformer_proj(self.qformer_bert(query, q_ids, q_valid, self.qformer_ln(patches)))  # (N, Q, V)
+        att = self.qformer_q_proj(query) @ self.qformer_k_proj(patches).transpose(1, 2)  # (N, Q, P)
+        att = (att / patches.size(-1) ** 0.5).softmax(-1)
+        emb = (att @ patches + query).mean(1)  # (N, V): raw patches pooled by the queries, plus the queries
+        return self.qformer_v_proj(emb)  # (N, n_embd)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Phi-3 decoder
+
+def build_mask(valid, frm=None, n_query=None):
+    """Attention mask (B, 1, Lq, Lk), True = may attend, for the last n_query (default all) of Lk positions.
+
+    valid (B, Lk) bool: not padding, over every key (cached ones included); frm (B, Lk) bool: frame positions.
+    Rule: (causal OR (frm_i AND frm_j)) AND valid_j: frame tokens see each other both ways (official
+    `bi_attention`), everything else is causal. Each row also sees itself, so padding rows never give NaN.
+    Decode step: build_mask(valid_so_far_plus_new, n_query=1) -> (B, 1, 1, Lk)."""
+    B, Lk = valid.shape
+    Lq = Lk if n_query is None else n_query
+    i = torch.arange(Lk - Lq, Lk, device=valid.device)[:, None]  # query index among the keys
+    j = torch.arange(Lk, device=valid.device)[None, :]
+    mask = (j <= i)[None]  # (1, Lq, Lk)
+    if frm is not None:
+        mask = mask | (frm[:, -Lq:, None] & frm[:, None, :])
+    mask = (mask & valid[:, None, :]) | (j == i)[None]
+    return mask[:, None]  # (B, 1, Lq, Lk)
+
+
+class KVCache:
+    """Preallocated keys/values of every layer, (B, nh, max_len, hd) each; n = positions filled so far."""
+
+    def __init__(self, n_layer, B, n_head, max_len, head_dim, dtype, device):
+        self.k = torch.zeros(n_layer, B, n_head, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.n = 0
+
+    def update(self, layer, k, v):
+        """Write the new (B, nh, L, hd) keys/values after the n cached ones; return all n + L of them.
+        Phi3.forward advances n once every layer has written."""
+        end = self.n + k.size(2)
+        if end > self.k.size(3):
+            raise ValueError(f"KV cache is full: {end} positions > max_len {self.k.size(3)}; make a bigger one")
+        self.k[layer, :, :, self.n:end] = k
+        self.v[layer, :, :, self.n:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3(nn.Module):
+    """Phi-3-mini; state_dict() keys equal HF Phi3ForCausalLM's, so checkpoints load without a mapping."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            norm=RMSNorm(cfg.n_embd, cfg.rms_eps)))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    def forward(self, x, pos, mask, cache=None, hidden_layer=-1):
+        """x (B, L, C) input embeddings (the caller embeds ids and may edit them); pos (B, L) long RoPE
+        positions; mask (B, 1, L, Lk) bool (see build_mask); cache: KVCache or None.
+        Returns logits (B, L, vocab) and h (B, L, C), the output of block `hidden_layer` (-1: last block,
+        before the final norm; -2: the block before, HF hidden_states[-2] as the official code reads it)."""
+        cos, sin = rope_cos_sin(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
+        keep = hidden_layer % self.cfg.n_layer
+        for layer, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, layer)
+            if layer == keep:
+                h = x
+        if cache is not None:
+            cache.n += x.size(1)
+        return self.lm_head(self.model.norm(x)), h
+
+    def new_cache(self, B, max_len, dtype=None, device=None):
+        w = self.lm_head.weight
+        c = self.cfg
+        return KVCache(c.n_layer, B, c.n_head, max_len, c.n_embd // c.n_head, dtype or w.dtype, device or w.device)
+
+    @classmethod
+    def from_pretrained(cls, hf_dir, cfg=None, dtype=torch.bfloat16, device="cpu"):
+        """Build from an HF Phi-3 directory (config.json + safetensors); cfg, if given, must agree with it."""
+        hf = _read_json(os.path.join(hf_dir, "config.json"))
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise CheckpointError(f"{hf_dir}: rope scaling {rope.get('rope_type', rope.get('type'))!r} "
+                                  "(long-context Phi-3) is not supported; use Phi-3-mini-4k-instruct")
+        if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
+            raise CheckpointError(f"{hf_dir}: grouped-query attention is not supported")
+        found = dict(vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+                     n_head=hf["num_attention_heads"], n_mlp=hf["intermediate_size"], rms_eps=hf["rms_norm_eps"],
+                     rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                     max_pos=hf["max_position_embeddings"])
+        if cfg is not None:
+            bad = [f"{k}: config.json {v}, cfg {getattr(cfg, k)}" for k, v in found.items() if getattr(cfg, k) != v]
+            if bad:
+                raise CheckpointError(f"{hf_dir}/config.json does not match cfg: " + "; ".join(bad))
+        with torch.device("meta"):
+            model = cls(replace(cfg or Config(), **found))
+        model = model.to(dtype).to_empty(device=device)  # allocate once, in the target dtype
+        load_safetensors_into(model, hf_dir)
+        return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# D²VLM (Sec. 3.2): frame tokens into Phi-3; <evi> tokens ground events and pool their frames into themselves
+
+def head(H):
+    """evi_head / frm_head (SPEC §2): LN → Linear(H, H/2) → GELU → Linear(H/2, H)."""
+    return nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H // 2), nn.GELU(), nn.Linear(H // 2, H))
+
+
+def span_of(p, threshold=0.6):
+    """Inference rule (Appendix A): frames with p >= threshold * max(p) are salient; each contiguous run of
+    salient frames is a group, scored by its mean p; the best group is the event. Inclusive frame indices."""
+    on = (p >= threshold * p.max()).tolist() + [False]
+    best, start = (-1.0, 0, 0), None
+    for t, salient in enumerate(on):
+        if salient and start is None:
+            start = t
+        elif not salient and start is not None:
+            score = p[start:t].mean().item()
+            best = max(best, (score, start, t - 1), key=lambda g: g[0])
+            start = None
+    return best[1], best[2]
+
+
+class D2VLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = EVAViT(cfg).requires_grad_(False)  # frozen during SFT and FPO
+        self.compressor = FrameCompressor(cfg)
+        self.llm = Phi3(cfg)
+        self.evi_head, self.frm_head = head(cfg.n_embd), head(cfg.n_embd)
+
+    def frame_tokens(self, frames, frm_valid, q_ids, q_valid):
+        """F_V, one token per frame (B, T, C). `frames`: pixels (B, T, 3, S, S) or cached ViT features (B, T, P, W)."""
+        x = frames[frm_valid]
+        if x.dim() == 4:
+            with torch.no_grad():
+                x = self.visual(x)
+        n = frm_valid.sum(1)
+        tok = self.compressor(x, q_ids.repeat_interleave(n, 0), q_valid.repeat_interleave(n, 0))
+        return tok.new_zeros(*frm_valid.shape, tok.shape[-1]).masked_scatter(frm_valid[..., None], tok)
+
+    def forward(self, b):
+        """Teacher-forced pass: logits (B, L, V), sim (N, T) for every <evi> of the batch, F_<evi> (N, C)."""
+        cfg, ids, valid, frm_valid, evi_b = self.cfg, b["ids"], b["valid"], b["frm_valid"], b["evi_b"]
+        F_V = self.frame_tokens(b["frames"], frm_valid, b["q_ids"], b["q_valid"])
+        frm = ids == cfg.image_id
+        x = self.llm.model.embed_tokens(ids).masked_scatter(frm[..., None], F_V[frm_valid].to(F_V.dtype))
+        if cfg.evi_capture:  # visual semantic capture, teacher-forced: + mean of the frames inside the interval
+            t = torch.arange(F_V.shape[1], device=ids.device)
+            inside = ((t >= b["evi_span"][:, :1]) & (t <= b["evi_span"][:, 1:])).to(F_V.dtype)  # (N, T)
+            pooled = torch.einsum("nt,ntc->nc", inside, F_V[evi_b]) / inside.sum(1, keepdim=True)
+            x = x.index_put((evi_b, b["evi_pos"]), pooled.to(x.dtype), accumulate=True)
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+        logits, h = self.llm(x, pos, build_mask(valid, frm), hidden_layer=cfg.evi_layer)
+        f_evi = self.evi_head(h[evi_b, b["evi_pos"] - 1])  # the position that predicts <evi>
+        f_frm = self.frm_head(h[frm])
+        f_frm = f_frm.new_zeros(*frm_valid.shape, f_frm.shape[-1]).masked_scatter(frm_valid[..., None], f_frm)
+        sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[evi_b]) / math.sqrt(cfg.n_embd)  # SPEC §2: a logit
+        return logits, sim, f_evi
+
+    @torch.no_grad()
+    def generate(self, frames, times, q_ids, prompt_ids, max_new_tokens=96, temperature=0.0, seed=0):
+        """Decode one video with the KV cache. Each generated <evi> scores the frames, takes the best salient
+        group as its interval, and gets the mean of that group's frame tokens added to its input embedding.
+        Returns the new ids and one dict per <evi>: stage (1 or 2), frame span, seconds, sim over frames."""
+        cfg, dev = self.cfg, frames.device
+        T = frames.shape[0]
+        q = torch.tensor([q_ids], device=dev)
+        F_V = self.frame_tokens(frames[None], torch.ones(1, T, dtype=torch.bool, device=dev), q, q > -1)[0]
+        ids = torch.tensor([prompt_ids], device=dev)
+        frm = ids == cfg.image_id
+        if frm.sum() != T:
+            raise ValueError(f"the prompt has {int(frm.sum())} frame placeholders for {T} frames")
+        embed = self.llm.model.embed_tokens
+        x = embed(ids).masked_scatter(frm[..., None], F_V.to(embed.weight.dtype))
+        L = ids.shape[1]
+        cache = self.llm.new_cache(1, L + max_new_tokens, x.dtype, dev)
+        logits, h = self.llm(x, torch.arange(L, device=dev)[None], build_mask(torch.ones_like(frm), frm),
+                             cache, hidden_layer=cfg.evi_layer)
+        f_frm = self.frm_head(h[frm])  # frames precede the answer, so their hidden states are final
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        out, evis, stage = [], [], 1
+        for i in range(max_new_tokens):
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits[0, -1].float() / temperature, -1), 1, generator=gen).item()
+            else:
+                nxt = logits[0, -1].argmax().item()
+            out.append(nxt)
+            if nxt == cfg.end_id:
+                break
+            e = embed.weight[nxt]
+            if nxt == cfg.evi_id:
+                sim = (f_frm @ self.evi_head(h[0, -1])).float() / math.sqrt(cfg.n_embd)
+                s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
+                if cfg.evi_capture:
+                    e = e + F_V[s:t + 1].mean(0).to(e.dtype)
+                evis.append(dict(stage=stage, span=(s, t), seconds=(float(times[s]), float(times[t])), sim=sim.tolist()))
+            elif nxt == cfg.evi_end_id:
+                stage = 2
+            mask = torch.ones(1, 1, 1, L + i + 1, dtype=torch.bool, device=dev)
+            logits, h = self.llm(e[None, None], torch.tensor([[L + i]], device=dev), mask, cache,
+                                 hidden_layer=cfg.evi_layer)
+        return out, evis
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors only, read tensor by tensor into the already allocated parameters
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_safetensors(obj, path):
+    """Write a module's state_dict (or a dict of tensors) atomically: to path.tmp, then rename."""
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora_B")):
+    """Copy a checkpoint into module's parameters (cast to their dtype) and check it fits exactly.
+
+    path: a .safetensors file, or an HF directory with model.safetensors or a sharded
+    model.safetensors.index.json. rename(key) -> module key, or None to skip the tensor (for official
+    E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
+    _load_tensors(module.state_dict(), path, rename, missing_ok)
+
+
+def _load_tensors(targets, path, rename=None, missing_ok=()):
+    files = _checkpoint_files(path)
+    plan, seen, unexpected, shapes = {}, set(), [], []  # plan: file -> [(file key, module key)]
+    for f in files:  # first pass reads headers only: a bad checkpoint fails before anything is overwritten
+        with _open(f) as sf:
+            for key in sf.keys():
+                name = rename(key) if rename else key
+                if name is None:
+                    continue
+                if name not in targets:
+                    unexpected.append(key)
+                    continue
+                seen.add(name)
+                if (shape := tuple(sf.get_slice(key).get_shape())) != tuple(targets[name].shape):
+                    shapes.append(f"{name} (checkpoint {shape}, model {tuple(targets[name].shape)})")
+                else:
+                    plan.setdefault(f, []).append((key, name))
+    missing = [k for k in targets if k not in seen and not any(m in k for m in missing_ok)]
+    if missing or unexpected or shapes:
+        msg = f"checkpoint {path} does not fit the model:"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f", ... (+{len(items) - 8} more)" if len(items) > 8 else ""
+                msg += f"\n  {len(items)} {what}: " + ", ".join(items[:8]) + more
+        raise CheckpointError(msg)
+    with torch.no_grad():
+        for f, pairs in plan.items():
+            with _open(f) as sf:
+                for key, name in pairs:
+                    targets[name].copy_(sf.get_tensor(key))  # one tensor in RAM at a time
+
+
+def _checkpoint_files(path):
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            return [os.path.join(path, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        path = os.path.join(path, "model.safetensors")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint (expected a .safetensors file or an HF directory "
+                              "with model.safetensors or model.safetensors.index.json)")
+    return [path]
+
+
+def _open(f):
+    try:
+        return safe_open(f, framework="pt")
+    except Exception as e:  # safetensors raises its own error type on a corrupt or foreign file
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None
