@@ -1,0 +1,133 @@
+"""Annotations, the tokenised + collated batch (contract format), <evi> frame targets, and the frame cache."""
+import json
+
+import pytest
+import torch
+
+import nanod2vlm.data as data
+from nanod2vlm.data import (AnnotationError, FrameCache, VideoDataset, collate, frame_span, frame_targets,
+                            read_annotations)
+from nanod2vlm.tokenizer import Tokenizer
+from test_video import make_video
+
+
+def record(video="v0.mp4", duration=6.0, eg=((1.0, 2.0), (3.5, 4.4)), ir=((1.0, 2.0), (3.5, 4.4)),
+           answer="<evi> <evi> </evi> The red square appears in <evi> and the blue circle in <evi>."):
+    return {"video": video, "duration": duration,
+            "time_gt": {"evidence_grounding": [list(s) for s in eg], "interleaved_response": [list(s) for s in ir]},
+            "conversations": [{"from": "human", "value": "<image>\nLocate the red square and the blue circle."},
+                              {"from": "gpt", "value": answer}]}
+
+
+def test_all_malformed_records_reported_json_list(tmp_path):
+    bad_dur, bad_count = record(duration=-1), record(answer="<evi> </evi> only one.")
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps([record(), bad_dur, record(), bad_count]))
+    with pytest.raises(AnnotationError) as e:
+        read_annotations(p)
+    msg = str(e.value)
+    assert str(p) in msg and "record 1: 'duration'" in msg and "record 3: time_gt.evidence_grounding has 2" in msg
+    assert "record 0" not in msg and "record 2" not in msg
+    p.write_text(json.dumps([record(), record()]))
+    assert len(read_annotations(p)) == 2
+
+
+def test_all_malformed_records_reported_json_lines(tmp_path):
+    lines = [json.dumps(record()), "", json.dumps(record(eg=[(3, 2), (1, 2)])), "{not json",
+             json.dumps({**record(), "conversations": [{"from": "human", "value": "no image tag"}]})]
+    p = tmp_path / "ann.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AnnotationError) as e:
+        read_annotations(p)
+    msg = str(e.value)
+    assert str(p) in msg and "3 malformed" in msg
+    assert "record 1 (line 3): time_gt.evidence_grounding must be a list of [s, e] with 0 <= s <= e" in msg
+    assert "record 2 (line 4): not valid JSON" in msg
+    assert "record 3 (line 5): 'conversations' needs a human turn" in msg and "; 'conversations' needs a gpt" in msg
+
+
+def test_frame_targets_against_loop():
+    times = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    assert frame_targets(times, (1.5, 3.0)).tolist() == [0, 0, 1, 1, 0, 0]
+    soft = frame_targets(times, (1.5, 3.0), alpha=2)
+    inside = [j for j in range(6) if 1.5 <= times[j] <= 3.0]
+    for j in range(6):  # d = distance in frames to the interval's frames
+        d = min(abs(j - i) for i in inside)
+        assert soft[j].item() == pytest.approx(2.0 ** -d)
+    assert frame_span(times, (2.2, 2.4)) == (2, 2)  # no frame inside -> the nearest one
+    assert frame_targets(times, (2.6, 2.7)).tolist() == [0, 0, 0, 1, 0, 0]
+
+
+def tiny_world(tmp_path):
+    """Two videos (6 s and 4 s, 4 fps) and a JSON-lines file with one record each."""
+    for name, n in (("v0.mp4", 24), ("v1.mp4", 16)):
+        make_video(tmp_path / name, [i / 4 for i in range(n)], [50 + 5 * i for i in range(n)], rate=4)
+    recs = [record(), record("v1.mp4", 4.0, eg=[(0.5, 1.0)], ir=[(0.3, 0.5)], answer="<evi> </evi> At <evi>, done.")]
+    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = Tokenizer.nano([r["conversations"][1]["value"] for r in recs] * 5, tmp_path / "tok.model", vocab_size=300)
+    q_tokenize = lambda text: [101] + [len(w) for w in text.split()] + [102]  # stands in for WordPiece
+    return recs, tok, q_tokenize
+
+
+def test_collated_batch(tmp_path):
+    recs, tok, q_tokenize = tiny_world(tmp_path)
+    ds = VideoDataset(tmp_path / "ann.jsonl", tok, q_tokenize, FrameCache(tmp_path / "cache"), fps=2, size=32)
+    b = collate([ds[0], ds[1]], tok.pad_id)
+    T = [12, 8]  # 6 s and 4 s at 2 fps
+    assert b["frames"].shape == (2, 12, 3, 32, 32) and b["frm_valid"].sum(1).tolist() == T
+    assert b["frames"][1, 8:].abs().sum() == 0 and b["times"][0, :12].tolist() == [i / 2 for i in range(12)]
+    for i, r in enumerate(recs):
+        ids, labels, valid = b["ids"][i], b["labels"][i], b["valid"][i]
+        assert (ids == tok.image_id).sum() == T[i]  # one placeholder per frame
+        assert tok.decode(labels[labels != -100]) == r["conversations"][1]["value"] + "<|end|>"
+        sup = (labels != -100).nonzero().flatten()
+        assert sup[-1] == valid.sum() - 1 and (sup.diff() == 1).all()  # the response is the contiguous tail
+        assert (ids[~valid] == tok.pad_id).all() and (labels[~valid] == -100).all()
+        assert tok.decode(ids[valid]).endswith(tok.chat("<image>" * T[i] + r["conversations"][0]["value"][7:],
+                                                        r["conversations"][1]["value"]))
+        q = r["conversations"][0]["value"].replace("<image>\n", "")
+        assert b["q_ids"][i, b["q_valid"][i]].tolist() == q_tokenize(q)
+    assert (b["ids"][b["evi_b"], b["evi_pos"]] == tok.evi_id).all()
+    assert b["evi_b"].tolist() == [0, 0, 0, 0, 1, 1]
+    assert b["evi_stage"].tolist() == [1, 1, 2, 2, 1, 2] and b["evi_k"].tolist() == [0, 1, 0, 1, 0, 0]
+    assert b["evi_y"].shape == (6, 12) and b["evi_span"].shape == (6, 2)
+    for n in range(6):  # targets are the interval indicator at the kept frame times
+        bi, st, k = b["evi_b"][n].item(), b["evi_stage"][n].item(), b["evi_k"][n].item()
+        s, e = recs[bi]["time_gt"]["evidence_grounding" if st == 1 else "interleaved_response"][k]
+        t = b["times"][bi, :T[bi]]
+        y = ((t >= s) & (t <= e)).float()
+        assert b["evi_y"][n, :T[bi]].tolist() == y.tolist() and b["evi_y"][n, T[bi]:].sum() == 0
+        inside = y.nonzero().flatten()
+        assert b["evi_span"][n].tolist() == [inside[0].item(), inside[-1].item()]
+
+
+def test_cache_hits_without_decoding_and_misses_on_new_settings(tmp_path, monkeypatch):
+    make_video(tmp_path / "v.mp4", [i / 5 for i in range(20)], [50 + 5 * i for i in range(20)], rate=5)
+    calls = []
+    real = data.read_video
+
+    def read_once(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise AssertionError("decoded twice")
+        return real(*args)
+
+    monkeypatch.setattr(data, "read_video", read_once)
+    x, t = FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=1, size=32)
+    x2, t2 = FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=1, size=32)  # fresh memory, from disk
+    assert torch.equal(x, x2) and torch.equal(t, t2) and x.dtype == torch.uint8 and len(calls) == 1
+    mem = FrameCache()  # memory only
+    monkeypatch.setattr(data, "read_video", real)
+    x3, _ = mem.get(tmp_path / "v.mp4", fps=1, size=32)
+    monkeypatch.setattr(data, "read_video", read_once)
+    assert torch.equal(x3, x) and mem.get(tmp_path / "v.mp4", fps=1, size=32)[0] is x3  # in-memory hit, no decode
+    with pytest.raises(AssertionError, match="decoded twice"):
+        FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=2, size=32)  # another setting misses
+    # features: encoded once, keyed by the extractor's tag
+    monkeypatch.setattr(data, "read_video", real)
+    encode = lambda f: f.mean((2, 3))  # (T, 3) "features" of the normalised frames
+    f1, _ = FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=1, size=32, encode=encode, tag="mean")
+    f2, _ = FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=1, size=32, encode=lambda f: 1 / 0, tag="mean")
+    assert torch.equal(f1, f2) and f1.shape == (4, 3) and f1.dtype == torch.float32
+    with pytest.raises(ZeroDivisionError):
+        FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=1, size=32, encode=lambda f: 1 / 0, tag="other")
