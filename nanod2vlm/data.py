@@ -193,12 +193,13 @@ def frame_targets(times, interval, alpha=None):
 
 
 class VideoDataset(Dataset):
-    """One tokenised SFT sample per annotation record (SPEC §6); videos are resolved relative to the file."""
+    """One tokenised SFT sample per annotation record (SPEC §6); videos are resolved relative to the file.
+    `records` replaces the file's own records (FPO builds its chosen and rejected sides this way)."""
 
     def __init__(self, ann_path, tok, q_tokenize, cache=None, fps=1.0, size=224, max_frames=350, alpha=None,
-                 encode=None, tag=""):
+                 encode=None, tag="", records=None):
         self.root = Path(ann_path).parent
-        self.records = read_annotations(ann_path)
+        self.records = read_annotations(ann_path) if records is None else records
         self.tok, self.q_tokenize, self.cache = tok, q_tokenize, cache or FrameCache()
         self.video = dict(fps=fps, size=size, max_frames=max_frames, encode=encode, tag=tag)
         self.alpha = alpha

@@ -28,6 +28,7 @@ SYSTEM = "You are a helpful AI assistant."
 
 class Tokenizer:
     def __init__(self, model_proto, special):
+        self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto + NO_DUMMY_PREFIX)
         self.special = dict(special)  # token string -> id
         self.special_str = {i: s for s, i in self.special.items()}

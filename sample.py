@@ -1,0 +1,182 @@
+"""Ask a trained D²VLM about a video and see when the answer happens.
+
+    python sample.py video.mp4 "When does the red square appear?"          # the default nano run's checkpoint
+    python sample.py video.mp4 "..." --ckpt runs/nano --json --plot out.png
+    python sample.py --eval data/world/test.json                              # batched metrics over a file
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from nanod2vlm.data import AnnotationError, FrameCache, VideoError, normalize, read_annotations, read_video
+from nanod2vlm.metrics import dense_caption_scores, grounding_recall, multi_span_f1
+from nanod2vlm.model import CheckpointError, Config, D2VLM, add_lora, eva_rename, load_safetensors_into
+from nanod2vlm.tokenizer import Tokenizer, WordPiece
+
+
+def load_model(ckpt, dev="cpu"):
+    """A training run's folder (its `latest` step) or one step folder → (model, tokenizer, WordPiece, state).
+    A LoRA run stores only what it trained; the base weights come from the paths it was trained with."""
+    if os.path.exists(os.path.join(ckpt, "latest")):
+        ckpt = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
+    run = os.path.dirname(os.path.abspath(ckpt))
+    try:
+        with open(os.path.join(ckpt, "state.json")) as f:
+            state = json.load(f)
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); train one with `python train.py`") from None
+    t = state["train"]
+    tok = Tokenizer.load(os.path.join(run, "tokenizer.model") if not t["hf_llm"] else t["hf_llm"])
+    wp = WordPiece(os.path.join(run, "vocab.txt"))
+    model = D2VLM(cfg)
+    if t["hf_llm"]:
+        load_safetensors_into(model.llm, t["hf_llm"])
+    if t["eva"]:
+        load_safetensors_into(model.visual, t["eva"], rename=eva_rename(cfg))
+    if cfg.lora_r:
+        add_lora(model.llm, cfg)
+    load_safetensors_into(model, os.path.join(ckpt, "model.safetensors"), missing_ok=("",) if cfg.lora_r else ())
+    return model.to(dev).eval(), tok, wp, state
+
+
+def chunks(text, evi="<evi>"):
+    """The answer part (after </evi>) split at each <evi>: the text that follows each reference."""
+    answer = text.split("</evi>", 1)[-1]
+    return [c.strip() for c in answer.split(evi)[1:]]
+
+
+def answer(model, tok, wp, frames, times, question, max_new_tokens=96, temperature=0.0):
+    """Ground, then answer. Returns text with every <evi> replaced by its span, plus the raw parts."""
+    t0 = time.time()
+    ids = tok.encode(tok.chat("<image>\n" + question))
+    i = ids.index(tok.image_id)
+    ids = ids[:i] + [tok.image_id] * len(frames) + ids[i + 1:]  # one placeholder per frame
+    out, evis = model.generate(normalize(frames), times, wp.encode(question), ids, max_new_tokens, temperature)
+    raw = tok.decode(out)
+    text, k = "", 0
+    for piece in raw.replace("<|end|>", "").split("<evi>"):
+        if k:
+            s, e = evis[k - 1]["seconds"]
+            text += f"{s:.1f}s - {e:.1f}s"
+        text += piece
+        k += 1
+    grounded = [e["seconds"] for e in evis if e["stage"] == 1]
+    spans = [e["seconds"] for e in evis if e["stage"] == 2]
+    note = "" if tok.evi_end_id in out else " (the model never closed grounding with </evi>)"
+    return dict(text=" ".join(text.split()) + note, raw=raw, grounding=grounded, answer_spans=spans, evis=evis,
+                seconds=time.time() - t0, frames=len(frames))
+
+
+def evaluate(model, tok, wp, ann_path, cache, out_path=None, max_new_tokens=96):
+    """Answer every record of an annotation file and score by task (SPEC §7 scorers in nanod2vlm/metrics.py)."""
+    cfg, preds = model.cfg, []
+    for rec in tqdm(read_annotations(ann_path), desc="eval", dynamic_ncols=True):
+        video = os.path.join(os.path.dirname(ann_path), rec["video"])
+        frames, times = cache.get(video, cfg.fps, cfg.img_size, cfg.max_frames)
+        q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+        a = answer(model, tok, wp, frames, times, q, max_new_tokens)
+        preds.append(dict(video=rec["video"], task=rec.get("task", "single"), question=q, answer=a["text"].split("</evi>")[-1].strip(),
+                          spans=a["answer_spans"], grounding=a["grounding"], captions=chunks(a["raw"]),
+                          gt=rec["time_gt"]["interleaved_response"], gt_captions=chunks(rec["conversations"][1]["value"]),
+                          gt_answer=rec["conversations"][1]["value"].split("</evi>")[-1].strip()))
+    by = lambda task: [p for p in preds if p["task"] == task]
+    m = {}
+    if by("single"):
+        m["single"] = grounding_recall([p["spans"][0] if p["spans"] else None for p in by("single")],
+                                       [p["gt"][0] for p in by("single")])
+    if by("multi"):
+        m["multi"] = multi_span_f1([p["spans"] for p in by("multi")], [p["gt"] for p in by("multi")])
+    if by("dense"):
+        m["dense"] = dense_caption_scores([list(zip(p["spans"], p["captions"])) for p in by("dense")],
+                                          [list(zip(p["gt"], p["gt_captions"])) for p in by("dense")])
+    if by("qa"):
+        qa = by("qa")
+        m["qa"] = dict(grounding_recall([p["spans"][0] if p["spans"] else None for p in qa], [p["gt"][0] for p in qa]),
+                       accuracy=100 * sum(p["answer"].split(".")[0] == p["gt_answer"].split(".")[0] for p in qa) / len(qa))
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(dict(metrics=m, predictions=preds), f, indent=1)
+    return m
+
+
+def print_metrics(m):
+    for task, vals in m.items():
+        print(f"{task:>7}: " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in vals.items()))
+
+
+def plot(path, result, frames, times, gt=None):
+    """Per <evi>: sigmoid(sim) over time, the 0.6 × max threshold, the chosen span (and the ground truth), under a
+    strip of frame thumbnails."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    evis = result["evis"]
+    fig, axes = plt.subplots(1 + len(evis), 1, figsize=(10, 1.4 + 1.6 * len(evis)), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[1.2] + [1] * len(evis)))
+    step = max(1, len(frames) // 16)
+    strip = torch.cat([frames[i] for i in range(0, len(frames), step)], dim=2).permute(1, 2, 0).numpy()
+    axes[0, 0].imshow(strip)
+    axes[0, 0].set_axis_off()
+    axes[0, 0].set_title(result["text"][:140], fontsize=8)
+    for ax, e in zip(axes[1:, 0], evis):
+        p = torch.sigmoid(torch.tensor(e["sim"]))
+        ax.plot(times, p, lw=1.2, label="sigmoid(sim)")
+        ax.axhline(0.6 * p.max().item(), ls="--", c="gray", lw=0.8, label="0.6 × max")
+        ax.axvspan(*e["seconds"], color="tab:orange", alpha=0.3, label="predicted")
+        if gt and e["stage"] == 1 and len(gt) >= sum(x["stage"] == 1 for x in evis[:evis.index(e) + 1]):
+            s, t = gt[sum(x["stage"] == 1 for x in evis[:evis.index(e) + 1]) - 1]
+            ax.axvspan(s, t, fill=False, hatch="//", ec="tab:green", label="ground truth")
+        ax.set(ylim=(0, 1.05), xlim=(float(times[0]), float(times[-1])), ylabel=f"<evi> stage {e['stage']}")
+        ax.legend(fontsize=6, loc="upper right")
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("video", nargs="?")
+    ap.add_argument("question", nargs="?")
+    ap.add_argument("--ckpt", default="runs/nano")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.add_argument("--plot", help="write the grounding picture to this PNG")
+    ap.add_argument("--gt", help="ground-truth spans for the plot, e.g. '6.3-12.1,21-24.4'")
+    ap.add_argument("--eval", metavar="ANNOTATIONS", help="score every record of an annotation file")
+    a = ap.parse_args(argv)
+    try:
+        if a.eval is None and (not a.video or not a.question or not a.question.strip()):
+            ap.error("give a video and a non-empty question, or --eval ANNOTATIONS")
+        model, tok, wp, _ = load_model(a.ckpt)
+        if a.eval:
+            out = os.path.splitext(a.eval)[0] + ".predictions.json"
+            m = evaluate(model, tok, wp, a.eval, FrameCache(None), out, a.max_new_tokens)
+            print_metrics(m)
+            print(f"predictions and metrics: {out}")
+            return
+        cfg = model.cfg
+        frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
+        r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
+    except (VideoError, AnnotationError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    if a.plot:
+        gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None
+        plot(a.plot, r, frames, times, gt)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print("grounding: " + (", ".join(f"{s:.1f}s - {e:.1f}s" for s, e in r["grounding"]) or "(none)"))
+        print("answer:    " + r["text"].split("</evi>")[-1].strip())
+        print(f"({r['frames']} frames, {r['seconds']:.2f}s)" + (f"; plot: {a.plot}" if a.plot else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
