@@ -59,16 +59,17 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=96, temperatu
     ids = ids[:i] + [tok.image_id] * len(frames) + ids[i + 1:]  # one placeholder per frame
     out, evis = model.generate(normalize(frames), times, wp.encode(question), ids, max_new_tokens, temperature)
     raw = tok.decode(out)
-    text, k = "", 0
-    for piece in raw.replace("<|end|>", "").split("<evi>"):
-        if k:
-            s, e = evis[k - 1]["seconds"]
-            text += f"{s:.1f}s - {e:.1f}s"
-        text += piece
-        k += 1
+    # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
+    cuts = [j for j, i in enumerate(out) if i == tok.evi_id] + [len(out)]
+    text = tok.decode(out[:cuts[0]])
+    for e, a, b in zip(evis, cuts, cuts[1:]):
+        text += "{:.1f}s - {:.1f}s".format(*e["seconds"]) + tok.decode(out[a + 1:b])
+    text = text.replace("<|end|>", "")
     grounded = [e["seconds"] for e in evis if e["stage"] == 1]
     spans = [e["seconds"] for e in evis if e["stage"] == 2]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding with </evi>)"
+    if len(evis) > len(frames):
+        note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"
     return dict(text=" ".join(text.split()) + note, raw=raw, grounding=grounded, answer_spans=spans, evis=evis,
                 seconds=time.time() - t0, frames=len(frames))
 

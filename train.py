@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, collate
 from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
-from nanod2vlm.model import CONFIGS, D2VLM, add_lora, eva_rename, load_safetensors_into, mark_trainable, save_safetensors
+from nanod2vlm.model import (CONFIGS, CheckpointError, D2VLM, add_lora, eva_rename, load_safetensors_into,
+                             mark_trainable, save_safetensors)
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from sample import evaluate, load_model, print_metrics
 
@@ -346,12 +347,23 @@ def main(argv):
 
 
 def load_optimizer(opt, path):
+    """AdamW's state ({i}.step, {i}.exp_avg, ...), checked against the parameters' shapes: a corrupt or foreign
+    file fails here, naming itself, rather than inside the first opt.step()."""
     from safetensors.torch import load_file
-    flat = load_file(path)
-    sd = opt.state_dict()
+    try:
+        flat = load_file(path)
+    except Exception as e:  # safetensors raises its own error type on a corrupt file
+        raise CheckpointError(f"{path}: not a readable optimizer state ({e})") from None
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sd, bad = opt.state_dict(), []
     for key, v in flat.items():
         i, name = key.split(".", 1)
+        want = () if name == "step" else tuple(params[int(i)].shape) if int(i) < len(params) else "no parameter"
+        if tuple(v.shape) != want:
+            bad.append(f"{key} (checkpoint {tuple(v.shape)}, model {want})")
         sd["state"].setdefault(int(i), {})[name] = v
+    if bad:
+        raise CheckpointError(f"{path} does not fit the model: {len(bad)} shape mismatches: " + ", ".join(bad[:8]))
     opt.load_state_dict(sd)
 
 
@@ -371,4 +383,7 @@ def plot_losses(history, path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except CheckpointError as e:  # a bad --init / --resume checkpoint: which file and why, not a traceback
+        sys.exit(f"error: {e}")

@@ -1,0 +1,152 @@
+"""train.py end to end on a tiny rendered world and a tiny model (issue 4): the loss falls, two processes equal one
+with twice the gradient accumulation, kill-and-resume is exact, bad checkpoints fail clearly, FPO runs."""
+import hashlib
+import json
+import math
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import synth
+import train
+from nanod2vlm.data import read_annotations
+from nanod2vlm.world import ensure_world
+
+TINY = ["--n_embd=32", "--n_layer=1", "--n_head=2", "--n_mlp=64", "--vit_width=16", "--vit_layers=1", "--vit_heads=2",
+        "--vit_mlp=32", "--qf_width=16", "--qf_layers=1", "--qf_heads=2", "--qf_mlp=32", "--qf_queries=2",
+        "--img_size=16", "--batch_size=2", "--grad_accum=1", "--eval_json=none", "--warmup=0", "--seed=0"]
+SFT = ["--steps=8", "--ckpt_every=4", "--lr=1e-2"]  # the reference run: checkpoints at steps 4 and 8
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    """The tiny world, rendered once, and one thread (2 threads on a shared 2-core machine run ~3x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("train")
+    ensure_world(str(d / "world"), n_train=4, n_test=2, durations=(10, 14), progress=False)
+    yield d
+    torch.set_num_threads(threads)
+
+
+def run(tmp, out, *args):
+    """train.py in this process -> the history of its last checkpoint."""
+    train.main([f"--data={tmp}/world", f"--out={tmp}/{out}", *TINY, *args])
+    return history(tmp / out)
+
+
+def history(out):
+    return train.read_state(os.path.join(out, open(os.path.join(out, "latest")).read()))["history"]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp):
+    return run(tmp, "sft", *SFT)
+
+
+def test_a_few_steps_lower_the_loss(sft):
+    losses = [h["loss"] for h in sft]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 1.0, losses  # 7.2 -> 5.5 at this seed; every step sees a different batch
+
+
+def test_two_processes_equal_one_with_twice_the_accumulation(tmp):
+    args = [f"--data={tmp}/world", *TINY, "--steps=3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", f"--out={tmp}/ddp", *args], cwd=os.path.dirname(train.__file__), env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout
+    ddp = history(tmp / "ddp")
+    one = run(tmp, "accum", "--steps=3", "--grad_accum=2")
+    assert [h.keys() for h in ddp] == [h.keys() for h in one] and len(one) == 3
+    for a, b in zip(ddp, one):  # every logged part of every step: the same data, the same averaged gradients
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, ddp, one)
+
+
+def files(folder):
+    """{relative path: sha1 of the bytes} of everything under folder."""
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha1(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run_exactly(tmp, sft):
+    # the state of a run killed during step 7 (after the step-4 checkpoint, while writing step 8)
+    killed = tmp / "killed"
+    shutil.copytree(tmp / "sft", killed)
+    shutil.rmtree(killed / "step-000008")
+    (killed / "step-000008.tmp").mkdir()
+    (killed / "step-000008.tmp" / "model.safetensors").write_bytes(b"half written")
+    (killed / "latest").write_text("step-000004")
+    resumed = run(tmp, "killed", *SFT, "--resume")
+    # steps 5-8 need the restored weights (step 5), Adam moments and step count, the LR schedule, the data order
+    assert resumed == sft  # exact: the same ops on the same data, in one thread
+    a, b = files(tmp / "sft"), files(killed)
+    assert sorted(b) == sorted(a)  # the half-written folder is gone
+    for f in ("step-000008/model.safetensors", "step-000008/optim.safetensors"):
+        assert a[f] == b[f], f  # bit-identical weights and optimizer state
+
+
+@pytest.fixture(scope="module")
+def other(tmp):
+    """A checkpoint of another config (n_embd 48) whose files we put into a good run."""
+    run(tmp, "other", "--steps=1", "--n_embd=48")
+    return tmp / "other" / "step-000001"
+
+
+CASES = {  # what is wrong with the last checkpoint (step 8): (file, how to spoil it, words the message must have)
+    "truncated weights": ("model.safetensors", "truncate", "not a readable safetensors file"),
+    "state.json not JSON": ("state.json", b'{"step": 8, "conf', "not a nanod2vlm checkpoint"),
+    "weights of another config": ("model.safetensors", "other", "shape mismatches"),
+    "truncated optimizer": ("optim.safetensors", "truncate", "optim.safetensors"),
+    "optimizer of another config": ("optim.safetensors", "other", "shape"),
+}
+
+
+@pytest.mark.parametrize("case, flag", [(c, f) for c in CASES for f in ("--resume", "--init")
+                                        if f == "--resume" or CASES[c][0] != "optim.safetensors"])  # --init: no optim
+def test_a_bad_checkpoint_stops_with_a_clear_error_and_changes_nothing(tmp, sft, other, monkeypatch, case, flag):
+    name, spoil, words = CASES[case]
+    out = tmp / f"bad-{case.replace(' ', '-')}-{flag[2:]}"
+    shutil.copytree(tmp / "sft", out)
+    bad = out / "step-000008" / name
+    if spoil == "truncate":
+        bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    elif spoil == "other":
+        shutil.copy(other / name, bad)
+    else:
+        bad.write_bytes(spoil)
+    before = files(out)
+    ckpt = f"--init={out}/step-000008" if flag == "--init" else "--resume"
+    argv = [f"--data={tmp}/world", f"--out={out}", *TINY, *SFT, "--steps=12", ckpt]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(train.__file__, run_name="__main__")  # as `python train.py ...` runs it
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: "), msg  # a message for the user, not a traceback
+    assert str(out / "step-000008") in msg and words in msg, msg
+    if spoil == "other":
+        assert "checkpoint (48" in msg and "model (32" in msg, msg  # the shapes that differ
+    assert files(out) == before  # the last good checkpoints (steps 4 and 8's good files) are untouched
+
+
+def test_fpo_from_the_sft_run_raises_the_margin(tmp, sft):
+    pairs, _ = synth.synth(read_annotations(tmp / "world" / "train.json"), seed=0)  # what train.py will write
+    assert not (tmp / "world" / "fpo_pairs.json").exists()
+    # the batch is every pair (one epoch per step), so each step's margin is measured on the same data
+    hist = run(tmp, "fpo", "--stage=fpo", f"--init={tmp}/sft", f"--batch_size={len(pairs)}", "--steps=4",
+               "--lr=1e-2", "--beta=0.1")
+    assert len(json.load(open(tmp / "world" / "fpo_pairs.json"))) == len(pairs)
+    assert all(math.isfinite(h["fpo"]) and math.isfinite(h["margin"]) for h in hist)
+    margins = [h["margin"] for h in hist]
+    assert all(a < b for a, b in zip(margins, margins[1:])) and margins[-1] > margins[0] + 1.0, margins  # -8.0 -> -2.7
+    assert hist[-1]["fpo"] < hist[0]["fpo"], hist
+    state = train.read_state(tmp / "fpo" / "step-000004")
+    assert state["config"]["n_embd"] == 32 and state["train"]["init"] == f"{tmp}/sft"  # the SFT run's model
