@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from nanod2vlm.data import AnnotationError, FrameCache, VideoError, normalize, read_annotations, read_video
-from nanod2vlm.metrics import dense_caption_scores, grounding_recall, multi_span_f1
+from nanod2vlm.metrics import dense_caption_scores, grounding_recall, multi_span_f1, parse_spans
 from nanod2vlm.model import CheckpointError, Config, D2VLM, add_lora, eva_rename, load_safetensors_into
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
@@ -61,12 +61,18 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=96, temperatu
     raw = tok.decode(out)
     # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
     cuts = [j for j, i in enumerate(out) if i == tok.evi_id] + [len(out)]
+    frame_level = model.cfg.evi_unit == "frame"  # each <evi> is one boundary frame; events are their pairs
     text = tok.decode(out[:cuts[0]])
     for e, a, b in zip(evis, cuts, cuts[1:]):
-        text += "{:.1f}s - {:.1f}s".format(*e["seconds"]) + tok.decode(out[a + 1:b])
+        s, t = e["seconds"]
+        text += ("" if text[-1:].isspace() or not text else " ") + (f"{s:.1f}s" if frame_level else f"{s:.1f}s - {t:.1f}s")
+        text += tok.decode(out[a + 1:b])
     text = text.replace("<|end|>", "")
-    grounded = [e["seconds"] for e in evis if e["stage"] == 1]
-    spans = [e["seconds"] for e in evis if e["stage"] == 2]
+    grounded, spans = ([e["seconds"] for e in evis if e["stage"] == k] for k in (1, 2))
+    if frame_level:
+        grounded, spans = ([(a[0], b[0]) for a, b in zip(x[::2], x[1::2])] for x in (grounded, spans))
+    if not model.cfg.interleave:  # the answer states its timestamps as text
+        spans = [tuple(s) for s in parse_spans(text.split("</evi>")[-1])]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding with </evi>)"
     if len(evis) > len(frames):
         note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.data import FrameCache, VideoDataset, collate
+from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
 from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
 from nanod2vlm.model import (CONFIGS, CheckpointError, D2VLM, add_lora, eva_rename, load_safetensors_into,
                              mark_trainable, save_safetensors)
@@ -182,7 +182,6 @@ def build_tokenizers(t):
     full: Phi-3's tokenizer.model and bert-base-uncased's vocab.txt."""
     if t.hf_llm:
         return Tokenizer.phi3(t.hf_llm), WordPiece(t.bert_vocab)
-    from nanod2vlm.data import read_annotations
     texts = [c["value"].replace("<image>\n", "") for r in read_annotations(t.train_json or os.path.join(t.data, "train.json"))
              for c in r["conversations"]]
     os.makedirs(t.out, exist_ok=True)
@@ -200,18 +199,39 @@ def save_tokenizers(tok, wp, out):
 
 
 class PairDataset:
-    """FPO pairs from synth.py: item i = (chosen sample, rejected sample) of the same video and question."""
+    """FPO pairs from synth.py: pair i gives its chosen and its rejected sample (same video and question).
+    scope "event" scores only the perturbed events (official code); "all" the whole response (paper)."""
 
-    def __init__(self, path, tok, q_tokenize, cache, **video):
-        pairs = json.load(open(path))
+    def __init__(self, path, tok, q_tokenize, cache, scope="all", **video):
+        self.pairs, self.tok, self.scope = json.load(open(path)), tok, scope
         side = lambda p, s: dict(video=p["video"], duration=p["duration"], task=p.get("task"), time_gt=p[s]["time_gt"],
                                  conversations=[dict(value=p["question"], **{"from": "human"}),
                                                 dict(value=p[s]["value"], **{"from": "gpt"})])
-        self.w, self.l = (VideoDataset(path, tok, q_tokenize, cache, records=[side(p, s) for p in pairs], **video)
+        self.w, self.l = (VideoDataset(path, tok, q_tokenize, cache, records=[side(p, s) for p in self.pairs], **video)
                           for s in ("chosen", "rejected"))
 
     def __len__(self):
         return len(self.w)
+
+    def __getitem__(self, i):
+        w, l = self.w[i], self.l[i]
+        if self.scope == "event":
+            w, l = only_events(w, self.pairs[i]["events"]), only_events(l, self.pairs[i]["rejected_events"])
+        return w, l
+
+
+def only_events(s, events):
+    """Keep the labels and <evi> rows of these events: their <evi> in both stages and the stage-2 text from
+    each one's reference up to the next reference."""
+    keep_evi = torch.isin(s["evi_k"], torch.tensor(events, dtype=torch.long))
+    labels = torch.full_like(s["labels"], -100)
+    refs = s["evi_pos"][s["evi_stage"] == 2].tolist() + [len(s["labels"])]
+    for n in keep_evi.nonzero()[:, 0].tolist():
+        start = s["evi_pos"][n].item()
+        end = refs[refs.index(start) + 1] if s["evi_stage"][n] == 2 else start + 1
+        labels[start:end] = s["labels"][start:end]
+    evi = {k: v[keep_evi] for k, v in s.items() if k.startswith("evi_")}
+    return dict(s, labels=labels, **evi)
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -262,7 +282,8 @@ def main(argv):
     train_json = t.train_json or os.path.join(t.data, "train.json" if t.stage == "sft" else "fpo_pairs.json")
     video = dict(fps=cfg.fps, size=cfg.img_size, max_frames=cfg.max_frames, alpha=t.soft_alpha or None)
     if t.stage == "sft":
-        ds = VideoDataset(train_json, tok, wp.encode, cache, **video)
+        records = [ablate(r, cfg) for r in read_annotations(train_json)]
+        ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)
     else:
         if not os.path.exists(train_json):
             import synth
@@ -270,7 +291,7 @@ def main(argv):
                 synth.main([os.path.join(t.data, "train.json"), train_json, f"--seed={t.seed}"])
             if ddp:
                 dist.barrier()
-        ds = PairDataset(train_json, tok, wp.encode, cache, **video)
+        ds = PairDataset(train_json, tok, wp.encode, cache, t.fpo_scope, **video)
     model.to(dev)
     ref = None
     if t.stage == "fpo" and t.ref:  # a frozen copy of the starting model (DPO-style); Eq. (4) as written has none
@@ -305,7 +326,9 @@ def main(argv):
         for micro in range(t.grad_accum):
             gidx = (step * t.grad_accum + micro) * world + rank
             idx = batch_indices(gidx, len(ds), t.batch_size, t.seed)
-            items = [ds[i] for i in idx] if t.stage == "sft" else [ds.w[i] for i in idx] + [ds.l[i] for i in idx]
+            items = [ds[i] for i in idx]
+            if t.stage == "fpo":  # chosen responses first, then the rejected ones
+                items = [w for w, _ in items] + [l for _, l in items]
             b = to(collate(items, tok.pad_id), dev)
             with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
                 loss, parts = sft_loss(fwd, b, t) if t.stage == "sft" else fpo_step_loss(fwd, ref, b, t)

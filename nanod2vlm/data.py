@@ -236,6 +236,22 @@ class VideoDataset(Dataset):
                     else torch.zeros(0, len(times)), meta=r)
 
 
+def ablate(rec, cfg):
+    """The paper's ablations as data (Tab. 4, 6). cfg.interleave False: the answer states text timestamps instead
+    of <evi> references. cfg.evi_unit "frame": one <evi> per boundary frame (start, end) instead of one per event."""
+    gpt, gt = rec["conversations"][1]["value"], rec["time_gt"]
+    if not cfg.interleave:
+        head, tail = gpt.split("</evi>", 1)
+        parts = tail.split("<evi>")
+        spans = gt["interleaved_response"]
+        gpt = head + "</evi>" + parts[0] + "".join(f"{s:g}s - {e:g}s{p}" for (s, e), p in zip(spans, parts[1:]))
+        gt = dict(gt, interleaved_response=[])
+    if cfg.evi_unit == "frame":
+        gpt = gpt.replace("<evi>", "<evi> <evi>")
+        gt = {k: [[x, x] for s, e in v for x in (s, e)] for k, v in gt.items()}
+    return dict(rec, time_gt=gt, conversations=[rec["conversations"][0], {"from": "gpt", "value": gpt}])
+
+
 def collate(samples, pad_id):
     """List of samples -> the batch dict of the contract (right-padded; <evi> entries flattened over the batch)."""
     B = len(samples)

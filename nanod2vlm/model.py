@@ -52,6 +52,8 @@ class Config:
     evi_layer: int = -1        # decoder block whose output feeds evi_head/frm_head; official code: -2
     evi_threshold: float = 0.6 # inference: salient frames have sigmoid(sim) >= 0.6 * max
     evi_capture: bool = True   # visual semantic capture: <evi> input += mean of its frames (Tab. 6 ablation: off)
+    evi_unit: str = "event"    # "frame": an <evi> per boundary frame, as earlier grounding tokens (Tab. 6 ablation)
+    interleave: bool = True    # False: the answer gives text timestamps instead of <evi> references (Tab. 4 ablation)
     # special token ids, set from the tokenizer when the model is built (saved with every checkpoint)
     image_id: int = 3
     evi_id: int = 4

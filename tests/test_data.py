@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nanod2vlm.data as data
-from nanod2vlm.data import (AnnotationError, FrameCache, VideoDataset, collate, frame_span, frame_targets,
+from nanod2vlm.data import (AnnotationError, ablate, FrameCache, VideoDataset, collate, frame_span, frame_targets,
                             read_annotations)
 from nanod2vlm.tokenizer import Tokenizer
 from test_video import make_video
@@ -131,3 +131,19 @@ def test_cache_hits_without_decoding_and_misses_on_new_settings(tmp_path, monkey
     assert torch.equal(f1, f2) and f1.shape == (4, 3) and f1.dtype == torch.float32
     with pytest.raises(ZeroDivisionError):
         FrameCache(tmp_path / "c").get(tmp_path / "v.mp4", fps=1, size=32, encode=lambda f: 1 / 0, tag="other")
+
+
+def test_ablations_rewrite_the_response():
+    from types import SimpleNamespace
+    rec = {"video": "v.mp4", "duration": 30.0,
+           "time_gt": {"evidence_grounding": [[1.0, 4.5], [10.0, 12.0]], "interleaved_response": [[1.0, 4.5], [10.0, 12.0]]},
+           "conversations": [{"from": "human", "value": "<image>\nLocate every time the circle flashes."},
+                             {"from": "gpt", "value": "<evi> <evi> </evi> The circle flashes in <evi> and <evi>."}]}
+    cfg = SimpleNamespace(interleave=False, evi_unit="event")
+    r = ablate(rec, cfg)
+    assert r["conversations"][1]["value"] == "<evi> <evi> </evi> The circle flashes in 1s - 4.5s and 10s - 12s."
+    assert r["time_gt"] == {"evidence_grounding": [[1.0, 4.5], [10.0, 12.0]], "interleaved_response": []}
+    r = ablate(rec, SimpleNamespace(interleave=True, evi_unit="frame"))
+    assert r["conversations"][1]["value"] == "<evi> <evi> <evi> <evi> </evi> The circle flashes in <evi> <evi> and <evi> <evi>."
+    assert r["time_gt"]["interleaved_response"] == [[1.0, 1.0], [4.5, 4.5], [10.0, 10.0], [12.0, 12.0]]
+    assert rec["time_gt"]["interleaved_response"] == [[1.0, 4.5], [10.0, 12.0]]  # the input is left alone

@@ -150,3 +150,18 @@ def test_fpo_from_the_sft_run_raises_the_margin(tmp, sft):
     assert hist[-1]["fpo"] < hist[0]["fpo"], hist
     state = train.read_state(tmp / "fpo" / "step-000004")
     assert state["config"]["n_embd"] == 32 and state["train"]["init"] == f"{tmp}/sft"  # the SFT run's model
+
+
+def test_fpo_event_scope_keeps_only_the_perturbed_event():
+    from train import only_events
+    ids = torch.tensor([1, 2, 4, 4, 5, 9, 4, 10, 11, 4, 12, 6])  # <evi>=4 </evi>=5: two events, text after each ref
+    labels = ids.clone()
+    labels[:2] = -100
+    s = dict(ids=ids, labels=labels, evi_pos=torch.tensor([2, 3, 6, 9]), evi_stage=torch.tensor([1, 1, 2, 2]),
+             evi_k=torch.tensor([0, 1, 0, 1]), evi_span=torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]),
+             evi_y=torch.rand(4, 5))
+    out = only_events(s, [1])
+    assert out["labels"].tolist() == [-100, -100, -100, 4, -100, -100, -100, -100, -100, 4, 12, 6]
+    assert out["evi_pos"].tolist() == [3, 9] and out["evi_k"].tolist() == [1, 1]
+    assert torch.equal(out["evi_y"], s["evi_y"][[1, 3]])
+    assert only_events(s, [])["labels"].eq(-100).all()
