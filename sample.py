@@ -151,7 +151,7 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("video", nargs="?")
     ap.add_argument("question", nargs="?")
-    ap.add_argument("--ckpt", default="runs/nano")
+    ap.add_argument("--ckpt", default="runs/nano", help="a run folder or step folder; with --eval, a comma-separated list")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -162,20 +162,27 @@ def main(argv):
     try:
         if a.eval is None and (not a.video or not a.question or not a.question.strip()):
             ap.error("give a video and a non-empty question, or --eval ANNOTATIONS")
-        model, tok, wp, _ = load_model(a.ckpt)
-        if a.eval:
-            out = os.path.splitext(a.eval)[0] + ".predictions.json"
-            m = evaluate(model, tok, wp, a.eval, FrameCache(None), out, a.max_new_tokens)
-            print_metrics(m)
-            print(f"predictions and metrics: {out}")
+        if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
+            cache = FrameCache(None, mem_items=100000)
+            for i, ckpt in enumerate(a.ckpt.split(",")):
+                model, tok, wp, _ = load_model(ckpt)
+                out = os.path.splitext(a.eval)[0] + (f".{i}" if "," in a.ckpt else "") + ".predictions.json"
+                m = evaluate(model, tok, wp, a.eval, cache, out, a.max_new_tokens)
+                print(f"== {ckpt}")
+                print_metrics(m)
+                print(f"predictions and metrics: {out}")
             return
+        model, tok, wp, _ = load_model(a.ckpt)
         cfg = model.cfg
         frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
         r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
     except (VideoError, AnnotationError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     if a.plot:
-        gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None
+        try:
+            gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None
+        except ValueError:
+            sys.exit(f"error: --gt {a.gt!r}: give spans in seconds like 6.3-12.1,21-24.4")
         plot(a.plot, r, frames, times, gt)
     if a.json:
         print(json.dumps(r))

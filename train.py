@@ -57,31 +57,28 @@ class Train:
 
 
 def parse(argv):
-    t, overrides = Train(), {}
+    """--name=value overrides of Train and of the model Config chosen by --config."""
+    kv = {}
     for arg in argv:
         key, _, val = arg.removeprefix("--").partition("=")
-        key, val = key.replace("-", "_"), val or "true"
-        overrides[key] = val
-    cfg = CONFIGS[overrides.pop("config", t.config)]
-    t = replace(t, config=[k for k, v in CONFIGS.items() if v is cfg][0])
-    for obj_name in ("t", "cfg"):
-        obj = t if obj_name == "t" else cfg
-        names = {f.name: f.type for f in fields(obj)}
-        upd = {k: cast(names[k], overrides.pop(k)) for k in list(overrides) if k in names}
-        if obj_name == "t":
-            t = replace(t, **upd)
-        else:
-            cfg = replace(cfg, **upd)
-    if overrides:
-        sys.exit(f"unknown option(s): {', '.join('--' + k for k in overrides)} (see the Train and Config dataclasses)")
+        kv[key.replace("-", "_")] = val or "true"
+    if kv.get("config", "nano") not in CONFIGS:
+        sys.exit(f"--config={kv['config']}: choose one of {', '.join(CONFIGS)}")
+
+    def override(obj):
+        types = {f.name: type(getattr(obj, f.name)) for f in fields(obj)}
+        return replace(obj, **{k: cast(types[k], kv.pop(k)) for k in list(kv) if k in types})
+    t = override(Train())
+    cfg = override(CONFIGS[t.config])
+    if kv:
+        sys.exit(f"unknown option(s): {', '.join('--' + k for k in kv)} (see the Train and Config dataclasses)")
     return t, cfg
 
 
 def cast(typ, val):
-    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(getattr(typ, "__name__", typ), typ)
     if typ is bool:
         return val.lower() in ("1", "true", "yes")
-    return typ(val) if typ in (int, float, str) else type(typ)(val.split(","))
+    return tuple(val.split(",")) if typ is tuple else typ(val)
 
 
 def lr_at(step, t):

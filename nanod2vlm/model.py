@@ -34,6 +34,7 @@ class Config:
     vit_layers: int = 2        # blocks kept: the full checkpoint has 40, D²VLM uses the first 39
     vit_heads: int = 4
     vit_mlp: int = 256
+    train_vit: bool = False    # the paper freezes EVA-CLIP; a nano tower trained from scratch may learn instead
     # Q-Former frame compressor: one token per frame
     qf_width: int = 64
     qf_layers: int = 2
@@ -514,7 +515,7 @@ class D2VLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.visual = EVAViT(cfg).requires_grad_(False)  # frozen during SFT and FPO
+        self.visual = EVAViT(cfg).requires_grad_(cfg.train_vit)  # frozen during SFT and FPO
         self.compressor = FrameCompressor(cfg)
         self.llm = Phi3(cfg)
         self.evi_head, self.frm_head = head(cfg.n_embd), head(cfg.n_embd)
@@ -523,7 +524,7 @@ class D2VLM(nn.Module):
         """F_V, one token per frame (B, T, C). `frames`: pixels (B, T, 3, S, S) or cached ViT features (B, T, P, W)."""
         x = frames[frm_valid]
         if x.dim() == 4:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.cfg.train_vit and torch.is_grad_enabled()):
                 x = self.visual(x)
         n = frm_valid.sum(1)
         tok = self.compressor(x, q_ids.repeat_interleave(n, 0), q_valid.repeat_interleave(n, 0))

@@ -9,7 +9,8 @@ task families (Appendix B, Fig. 1): single, multi, dense and qa, with a fixed an
 
 Split (compositional): 5 of the 25 colour-shape pairs are held out, colour i with shape (i + 2) % 5, so
 every colour and every shape is still seen in training. Train videos never contain a held-out pair; every
-test video contains one, and its single and qa questions are about a held-out object.
+test video contains one, and its single and qa questions are about a held-out object. Training single-event
+questions name each object by its shape, its colour or both; test ones by the held-out pair.
 
 render_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json (SPEC §6 records plus
 "task"), events.json (video -> list of {"kind", "colour", "shape", "slot", "interval"}) and world.json.
@@ -21,7 +22,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-VERSION = 1
+VERSION = 2
 FPS, SIZE, R = 8, 64, 8  # frame rate, canvas size, object radius (objects are ~16 px)
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
            "yellow": (230, 210, 40), "purple": (170, 60, 210)}
@@ -156,10 +157,13 @@ def make_records(rng, video, D, objs, split):
                 "conversations": [{"from": "human", "value": "<image>\n" + question},
                                   {"from": "gpt", "value": "<evi> " * len(intervals) + "</evi> " + answer}]}
 
-    held = [o for o in objs if (o["colour"], o["shape"]) in HELD_OUT]
-    o = pick(held if split == "test" else objs)
-    out = [record("single", pick(TEMPLATES["single"]).format(o=name(o)), f"The {name(o)} appears in <evi>.",
-                  [o["interval"]])]
+    # train: every object, named by its shape, its colour or both, so each attribute alone learns to ground;
+    # test: one held-out object, by its never-seen colour-shape pair
+    held = [(o, name(o)) for o in objs if (o["colour"], o["shape"]) in HELD_OUT]
+    singles = [pick(held)] if split == "test" else [(o, pick([o["shape"], f"{o['colour']} shape", name(o)]))
+                                                     for o in objs]
+    out = [record("single", pick(TEMPLATES["single"]).format(o=ref), f"The {ref} appears in <evi>.", [o["interval"]])
+           for o, ref in singles]
     for o in objs:
         if o["flashes"]:
             ref = pick([o["shape"], f"{o['colour']} shape", name(o)])

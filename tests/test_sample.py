@@ -9,24 +9,17 @@ import torch
 
 import sample
 import train
-from nanod2vlm.world import ensure_world
+from conftest import TINY
 
-TINY = ["--n_embd=32", "--n_layer=1", "--n_head=2", "--n_mlp=64", "--vit_width=16", "--vit_layers=1", "--vit_heads=2",
-        "--vit_mlp=32", "--qf_width=16", "--qf_layers=1", "--qf_heads=2", "--qf_mlp=32", "--qf_queries=2",
-        "--img_size=16", "--batch_size=2", "--eval_json=none", "--lr=1e-2", "--seed=0"]
+TINY = TINY + ["--lr=1e-2"]
 Q = "When does the red square appear?"
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    """The tiny world and a 4-step checkpoint of the tiny model (in one thread: ~3x faster on a shared 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("sample")
-    ensure_world(str(d / "world"), n_train=4, n_test=2, durations=(10, 14), progress=False)
-    train.main([f"--data={d}/world", f"--out={d}/run", "--steps=4", *TINY])
-    yield d
-    torch.set_num_threads(threads)
+def tmp(tiny_world):
+    """The tiny world and a 4-step checkpoint of the tiny model."""
+    train.main([f"--data={tiny_world}/world", f"--out={tiny_world}/run", "--steps=4", *TINY])
+    return tiny_world
 
 
 def video(tmp):

@@ -15,23 +15,15 @@ import torch
 import synth
 import train
 from nanod2vlm.data import read_annotations
-from nanod2vlm.world import ensure_world
+from conftest import TINY
 
-TINY = ["--n_embd=32", "--n_layer=1", "--n_head=2", "--n_mlp=64", "--vit_width=16", "--vit_layers=1", "--vit_heads=2",
-        "--vit_mlp=32", "--qf_width=16", "--qf_layers=1", "--qf_heads=2", "--qf_mlp=32", "--qf_queries=2",
-        "--img_size=16", "--batch_size=2", "--grad_accum=1", "--eval_json=none", "--warmup=0", "--seed=0"]
+TINY = TINY + ["--grad_accum=1", "--warmup=0"]
 SFT = ["--steps=8", "--ckpt_every=4", "--lr=1e-2"]  # the reference run: checkpoints at steps 4 and 8
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    """The tiny world, rendered once, and one thread (2 threads on a shared 2-core machine run ~3x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d = tmp_path_factory.mktemp("train")
-    ensure_world(str(d / "world"), n_train=4, n_test=2, durations=(10, 14), progress=False)
-    yield d
-    torch.set_num_threads(threads)
+def tmp(tiny_world):
+    return tiny_world
 
 
 def run(tmp, out, *args):
