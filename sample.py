@@ -130,7 +130,8 @@ def plot(path, result, frames, times, gt=None):
     strip = torch.cat([frames[i] for i in range(0, len(frames), step)], dim=2).permute(1, 2, 0).numpy()
     axes[0, 0].imshow(strip)
     axes[0, 0].set_axis_off()
-    axes[0, 0].set_title(result["text"][:140], fontsize=8)
+    title = "".join(c for c in result["text"] if c.isprintable())  # an untrained model may emit control bytes
+    axes[0, 0].set_title(title[:160], fontsize=8)
     for ax, e in zip(axes[1:, 0], evis):
         p = torch.sigmoid(torch.tensor(e["sim"]))
         ax.plot(times, p, lw=1.2, label="sigmoid(sim)")

@@ -38,20 +38,20 @@ class Train:
     bert_vocab: str = ""           # full: bert-base-uncased's vocab.txt, for the Q-Former's question text
     eva: str = ""                  # full: EVA-CLIP ViT-G weights (timm safetensors)
     resume: bool = False           # continue {out}/latest: weights, optimizer, step
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     lora_lr: float = 5e-5
     warmup: float = 0.03
     weight_decay: float = 0.0
-    w_gnd: float = 1.0             # official code: 10
+    w_gnd: float = 10.0            # the official code's weight (Eq. 2 as printed: 1); grounds better in the nano run
     w_cons: float = 1.0            # official code: 10; 0 = the "no consistency loss" ablation
     soft_alpha: float = 0.0        # 0: hard 1/0 frame targets (paper); 2: official soft targets alpha^-d
     beta: float = 0.1              # FPO
     fpo_scope: str = "all"         # all: whole response (paper); event: the perturbed event only (official)
     ref: bool = False              # FPO with the --init model as a frozen reference
-    ckpt_every: int = 250
+    ckpt_every: int = 200
     compile: bool = False
     seed: int = 0
 

@@ -34,7 +34,6 @@ class Config:
     vit_layers: int = 2        # blocks kept: the full checkpoint has 40, D²VLM uses the first 39
     vit_heads: int = 4
     vit_mlp: int = 256
-    train_vit: bool = False    # the paper freezes EVA-CLIP; a nano tower trained from scratch may learn instead
     # Q-Former frame compressor: one token per frame
     qf_width: int = 64
     qf_layers: int = 2
@@ -515,7 +514,7 @@ class D2VLM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.visual = EVAViT(cfg).requires_grad_(cfg.train_vit)  # frozen during SFT and FPO
+        self.visual = EVAViT(cfg).requires_grad_(False)  # frozen during SFT and FPO
         self.compressor = FrameCompressor(cfg)
         self.llm = Phi3(cfg)
         self.evi_head, self.frm_head = head(cfg.n_embd), head(cfg.n_embd)
@@ -524,7 +523,7 @@ class D2VLM(nn.Module):
         """F_V, one token per frame (B, T, C). `frames`: pixels (B, T, 3, S, S) or cached ViT features (B, T, P, W)."""
         x = frames[frm_valid]
         if x.dim() == 4:
-            with torch.set_grad_enabled(self.cfg.train_vit and torch.is_grad_enabled()):
+            with torch.no_grad():
                 x = self.visual(x)
         n = frm_valid.sum(1)
         tok = self.compressor(x, q_ids.repeat_interleave(n, 0), q_valid.repeat_interleave(n, 0))
@@ -617,6 +616,25 @@ def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora
     model.safetensors.index.json. rename(key) -> module key, or None to skip the tensor (for official
     E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
     _load_tensors(module.state_dict(), path, rename, missing_ok)
+
+
+def etchat_rename(key):
+    """Official E.T. Chat / D²VLM key (`ETChatPhi3ForCausalLM`, merged weights, not peft's `base_model.model.`
+    names) -> our D2VLM key, or None to drop it. Use: load_safetensors_into(d2vlm, path, rename=etchat_rename).
+    Prefixes (etchat/model/etchat_arch.py, language_model/phi3.py, vision_encoder/eva_vit.py): the Phi-3 body
+    and the multimodal parts live under `model.` (the ViT as `model.vision_tower.vision_tower.`, LAVIS names, 39
+    blocks), `lm_head`, `frm_head`, `evi_head` at the top. Dropped: the BERT LM head, position_ids, and E.T.
+    Chat's `vid_head` (its <vid> matching head; whether D²VLM's evi_head starts from it is not established)."""
+    if "qformer_bert.cls." in key or key.endswith("embeddings.position_ids") or key.startswith("vid_head."):
+        return None
+    if key.startswith("model.vision_tower.vision_tower."):
+        return "visual." + key.removeprefix("model.vision_tower.vision_tower.")
+    if key.startswith("model.qformer_"):  # qformer_bert (LAVIS BertLMHeadModel), _query, _ln, _proj, _{q,k,v}_proj
+        key = key.removeprefix("model.").replace("qformer_bert.bert.", "qformer_bert.").replace(".self.", ".attention.")
+        return "compressor." + key.replace("embeddings.LayerNorm", "embeddings.layernorm")
+    if key.startswith(("frm_head.", "evi_head.")):
+        return key
+    return "llm." + key  # model.embed_tokens / model.layers.N / model.norm / lm_head: HF Phi-3 names
 
 
 def _load_tensors(targets, path, rename=None, missing_ok=()):
