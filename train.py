@@ -56,11 +56,16 @@ class Train:
     seed: int = 0
 
 
+FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size=8)  # --stage=fpo defaults
+
+
 def parse(argv):
-    """--name=value overrides of Train and of the model Config chosen by --config."""
-    kv = {}
-    for arg in argv:
-        key, _, val = arg.removeprefix("--").partition("=")
+    """--name=value overrides of Train and of the model Config chosen by --config (FPO has its own defaults)."""
+    kv, args = {}, list(argv)
+    while args:  # --name=value, --name value, or a bare --flag (true)
+        key, eq, val = args.pop(0).removeprefix("--").partition("=")
+        if not eq and args and not args[0].startswith("--"):
+            val = args.pop(0)
         kv[key.replace("-", "_")] = val or "true"
     if kv.get("config", "nano") not in CONFIGS:
         sys.exit(f"--config={kv['config']}: choose one of {', '.join(CONFIGS)}")
@@ -68,7 +73,10 @@ def parse(argv):
     def override(obj):
         types = {f.name: type(getattr(obj, f.name)) for f in fields(obj)}
         return replace(obj, **{k: cast(types[k], kv.pop(k)) for k in list(kv) if k in types})
+    given = set(kv)
     t = override(Train())
+    if t.stage == "fpo":
+        t = replace(t, **{k: v for k, v in FPO.items() if k not in given})
     cfg = override(CONFIGS[t.config])
     if kv:
         sys.exit(f"unknown option(s): {', '.join('--' + k for k in kv)} (see the Train and Config dataclasses)")
