@@ -1,7 +1,7 @@
 """Factorized preference data synthesis (paper Sec. 5, Appendix D): perturb one factor of a ground-truth
 response at the event level; the original is "chosen", the perturbed one "rejected".
 
-    python synth.py [IN.json] [OUT.json] --seed 0 [--llm CKPT]
+    python synth.py [IN.json] [OUT.json] --seed 0 [--llm PHI3_DIR]
 
 A response "<evi> ... <evi> </evi> text with <evi> references" is read as events: event k = its interval
 (the same in both stages) + its stage-2 chunk (the text around its <evi> reference). Per record: one factor
@@ -197,14 +197,20 @@ def synth(records, seed=0, llm=None):
     return pairs, counts
 
 
-def llm_distorter(ckpt):
-    """--llm hook: distort an event's text with a checkpoint through sample.py's generate(ckpt, prompt) -> str
-    (the paper prompts an off-the-shelf LLM); an answer without exactly one <evi> is not used."""
-    try:
-        from sample import generate
-    except ImportError:
-        raise SystemExit("--llm needs sample.py's generate; not available") from None
-    return lambda chunk: generate(ckpt, f"Rewrite with one key detail wrong, keep <evi> as is: {chunk}")
+def llm_distorter(hf_dir, max_new_tokens=64):
+    """--llm: distort an event's text by asking a Phi-3 checkpoint (an HF folder with tokenizer.model) through our
+    own greedy sampler, as the paper prompts an off-the-shelf LLM; distort() keeps the answer only if it has
+    exactly one <evi>."""
+    import torch
+    from nanod2vlm.model import Phi3
+    from nanod2vlm.tokenizer import Tokenizer
+    tok, llm = Tokenizer.phi3(hf_dir), Phi3.from_pretrained(hf_dir, dtype=torch.float32)
+
+    def ask(chunk):
+        prompt = tok.chat(f"Rewrite this sentence with one key detail (a colour, shape, action or number) changed. "
+                          f"Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
+        return tok.decode(llm.generate(tok.encode(prompt), max_new_tokens, tok.end_id)).replace("<|end|>", "")
+    return ask
 
 
 def main(argv=None):
@@ -212,7 +218,7 @@ def main(argv=None):
     p.add_argument("inp", nargs="?", default="data/world/train.json")
     p.add_argument("out", nargs="?", default="data/world/fpo_pairs.json")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--llm", default=None, help="checkpoint that distorts texts through sample.py (optional)")
+    p.add_argument("--llm", default=None, help="an HF Phi-3 folder that distorts texts (default: rule-based swaps)")
     args = p.parse_args(argv)
     pairs, counts = synth(load(args.inp), args.seed, llm_distorter(args.llm) if args.llm else None)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -77,21 +77,6 @@ def step_fn(opt, loss):
     return step
 
 
-@torch.no_grad()
-def greedy(model, ids, n):
-    """KV-cached greedy decoding the way D2VLM.generate runs it: prefill, then one token per forward."""
-    L, emb = ids.shape[1], model.model.embed_tokens
-    cache = model.new_cache(1, L + n)
-    logits, _ = model(emb(ids), torch.arange(L)[None], build_mask(torch.ones_like(ids, dtype=torch.bool)), cache)
-    out = []
-    for i in range(n):
-        out.append(logits[0, -1].argmax().item())
-        if i < n - 1:
-            mask = torch.ones(1, 1, 1, L + i + 1, dtype=torch.bool)
-            logits, _ = model(emb.weight[out[-1]][None, None], torch.tensor([[L + i]]), mask, cache)
-    return out
-
-
 def bench_cpu(args):
     if args.tiny:
         cfg, B, L, P, N = Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_mlp=128, max_pos=256), 2, 32, 8, 8
@@ -108,7 +93,7 @@ def bench_cpu(args):
         ours = Phi3.from_pretrained(d, cfg, dtype=torch.float32)
     hf.eval(), ours.eval()
     prompt = torch.randint(3, cfg.vocab_size, (1, P))
-    gen_ours = lambda: greedy(ours, prompt, N)
+    gen_ours = lambda: ours.generate(prompt[0].tolist(), N)
     gen_hf = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=N,
                                  min_new_tokens=N, pad_token_id=0)[0, P:].tolist()
     same = gen_ours() == gen_hf()

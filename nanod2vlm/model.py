@@ -462,6 +462,23 @@ class Phi3(nn.Module):
         c = self.cfg
         return KVCache(c.n_layer, B, c.n_head, max_len, c.n_embd // c.n_head, dtype or w.dtype, device or w.device)
 
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens, end_id=None):
+        """Greedy text-only decoding of one prompt (a list of ids) with the KV cache -> the new ids, up to and
+        including end_id. (synth.py --llm asks Phi-3 this way; D2VLM.generate is the same loop plus <evi>.)"""
+        emb, dev, L = self.model.embed_tokens, self.lm_head.weight.device, len(ids)
+        cache = self.new_cache(1, L + max_new_tokens)
+        logits, _ = self(emb(torch.tensor([ids], device=dev)), torch.arange(L, device=dev)[None],
+                         build_mask(torch.ones(1, L, dtype=torch.bool, device=dev)), cache)
+        out = []
+        for i in range(max_new_tokens):
+            out.append(logits[0, -1].argmax().item())
+            if out[-1] == end_id or i == max_new_tokens - 1:
+                break
+            mask = torch.ones(1, 1, 1, L + i + 1, dtype=torch.bool, device=dev)
+            logits, _ = self(emb.weight[out[-1]][None, None], torch.tensor([[L + i]], device=dev), mask, cache)
+        return out
+
     @classmethod
     def from_pretrained(cls, hf_dir, cfg=None, dtype=torch.bfloat16, device="cpu"):
         """Build from an HF Phi-3 directory (config.json + safetensors); cfg, if given, must agree with it."""

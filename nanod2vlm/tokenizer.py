@@ -102,6 +102,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
+        """Ids -> text. Ids that name no piece (the unused embedding rows past the vocabulary, e.g. Phi-3's
+        32064 rows for ~32015 tokens, which a poorly trained model can still emit) decode to nothing."""
         out, run = [], []
         for i in [int(i) for i in ids] + [None]:
             if i is None or i in self.special_str:
@@ -110,7 +112,7 @@ class Tokenizer:
                     run = []
                 if i is not None:
                     out.append(self.special_str[i])
-            else:
+            elif 0 <= i < self.sp.get_piece_size():
                 run.append(i)
         return "".join(out)
 

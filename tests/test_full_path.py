@@ -2,6 +2,7 @@
 an HF Phi3ForCausalLM folder with a sentencepiece tokenizer.model, a timm EVA (ViT-G family) in safetensors, a BERT
 vocab.txt. Loading is exact, only LoRA and the named extras train, the checkpoint holds only those, and sample.py
 rebuilds the same model from the recorded base paths. Also: the official E.T. Chat / D²VLM key map."""
+import json
 import os
 
 import pytest
@@ -179,3 +180,26 @@ def test_etchat_rename_maps_official_keys_onto_the_full_model():
     for official, ours in OFFICIAL.items():
         assert etchat_rename(official) == ours, official
         assert ours is None or ours in keys, ours
+
+
+def test_synth_llm_asks_phi3_through_our_sampler(tiny_world, ckpts, tmp_path, capsys):
+    """synth.py --llm PHI3_DIR: the distorter's answer is HF's greedy continuation of the chat prompt, decoded; the
+    CLI runs end to end with it (a random model's answer rarely has one <evi>, so distort falls back to other
+    sub-factors, and every written pair still differs from its chosen side)."""
+    import synth
+    from nanod2vlm.tokenizer import Tokenizer
+    hf_dir = tiny_world / "phi3"
+    ask = synth.llm_distorter(str(hf_dir), max_new_tokens=12)
+    tok, hf = Tokenizer.phi3(hf_dir), transformers.Phi3ForCausalLM.from_pretrained(hf_dir).eval()
+    chunk = "The red square appears in <evi>."
+    prompt = tok.chat("Rewrite this sentence with one key detail (a colour, shape, action or number) changed. "
+                      f"Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
+    ids = torch.tensor([tok.encode(prompt)])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                      eos_token_id=tok.end_id, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert ask(chunk) == tok.decode(ref).replace("<|end|>", "")
+    out = tmp_path / "pairs.json"
+    synth.main([str(tiny_world / "world" / "train.json"), str(out), "--llm", str(hf_dir)])
+    pairs = json.loads(out.read_text())
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert f"wrote {len(pairs)} pairs" in capsys.readouterr().out

@@ -106,3 +106,15 @@ def test_full_config_parameter_count_on_meta():
         model = Phi3(CONFIGS["full"])
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - 3.82e9) / 3.82e9 < 0.01, n
+
+
+def test_text_generate_matches_hf_generate(pair):
+    """Phi3.generate (text only: synth.py --llm, the benchmark) gives HF's greedy ids, stopping after end_id."""
+    hf, ours = pair
+    torch.manual_seed(2)
+    for n in (1, 20):
+        ids = torch.randint(3, 100, (1, 7))
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                          pad_token_id=0, eos_token_id=2)[0, 7:].tolist()
+        assert ours.generate(ids[0].tolist(), n, end_id=2) == ref
+    assert ours.generate([5, 6, 7], 3, end_id=ours.generate([5, 6, 7], 1)[0]) == ours.generate([5, 6, 7], 1)

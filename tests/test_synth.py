@@ -134,3 +134,15 @@ def test_load_rejects_bad_json(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(ValueError, match="x.json"):
         load(tmp_path / "x.json")
+
+
+def test_an_llm_distortion_is_kept_only_with_exactly_one_evi():
+    from synth import distort
+    rng, chunk = random.Random(0), "The red square flashes in <evi>."
+    assert distort(chunk, rng, VOCAB, llm=lambda c: " The blue square flashes in <evi>. ") == \
+        "The blue square flashes in <evi>."
+    for answer in ("The blue square flashes.", "<evi> and <evi>", ""):
+        assert distort(chunk, rng, VOCAB, llm=lambda c: answer) == chunk
+    ev = parse(record("qa", 20.0, [[1.0, 4.0]], "<evi> </evi> <evi>."))  # no content word to swap ...
+    assert "distort" not in candidates(ev, 20.0, VOCAB, None)
+    assert candidates(ev, 20.0, VOCAB, lambda c: c)["distort"] == [0]  # ... but an LLM may still rewrite it

@@ -61,6 +61,9 @@ def test_phi3_style_tokenizer(tmp_path):
     assert tok.special["<|system|>"] == base + 6 and tok.end_id == base + 7 and tok.special["<|user|>"] == base + 10
     assert [tok.evi_id, tok.evi_end_id, tok.special["<vid>"], tok.image_id] == [base + i for i in (11, 12, 13, 14)]
     assert tok.pad_id == base and tok.vocab_size == base + 15
+    # unused embedding rows past the vocabulary (Phi-3 has 32064 rows) decode to nothing, not to an error
+    ids = tok.encode("<evi> red")
+    assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 40] + ids[1:]) == "<evi> red"
     # a checkpoint directory: its added_tokens.json is read, the new tokens go after its last id
     (tmp_path / "added_tokens.json").write_text(json.dumps({**{s: base + i for i, s in enumerate(PHI3_ADDED)},
                                                             "<|extra|>": base + 11}))

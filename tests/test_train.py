@@ -41,10 +41,14 @@ def sft(tmp):
     return run(tmp, "sft", *SFT)
 
 
-def test_a_few_steps_lower_the_loss(sft):
+def test_a_few_steps_lower_the_loss(tmp, sft):
     losses = [h["loss"] for h in sft]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
-    assert losses[-1] < losses[0] - 1.0, losses  # 7.2 -> 5.5 at this seed; every step sees a different batch
+    # every step of the reference run sees a different batch of 2, so its curve is noisy; on one fixed batch (all
+    # 24 samples, one epoch per step) each step must lower L = L_sft + 10 L_gnd + L_cons: 13.4 -> 10.6 at this seed
+    n = len(read_annotations(tmp / "world" / "train.json"))
+    full = [h["loss"] for h in run(tmp, "full-batch", "--steps=8", f"--batch_size={n}", "--lr=1e-2")]
+    assert all(b < a for a, b in zip(full, full[1:])) and full[-1] < full[0] - 2.0, full
 
 
 def test_two_processes_equal_one_with_twice_the_accumulation(tmp):
@@ -137,9 +141,11 @@ def test_fpo_from_the_sft_run_raises_the_margin(tmp, sft):
                "--lr=1e-2", "--beta=0.1")
     assert len(json.load(open(tmp / "world" / "fpo_pairs.json"))) == len(pairs)
     assert all(math.isfinite(h["fpo"]) and math.isfinite(h["margin"]) for h in hist)
-    margins = [h["margin"] for h in hist]
-    assert all(a < b for a, b in zip(margins, margins[1:])) and margins[-1] > margins[0] + 1.0, margins  # -8.0 -> -2.7
-    assert hist[-1]["fpo"] < hist[0]["fpo"], hist
+    # Eq. (4) falls at every step (0.95 -> 0.77 at this seed); its mean margin need not rise every step (the loss
+    # is nonlinear in the margins: a step favours the worst pairs), but it ends well above where it began (2.5 -> 5.2)
+    losses, margins = [h["fpo"] for h in hist], [h["margin"] for h in hist]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert margins[-1] > margins[0] + 1.0, margins
     state = train.read_state(tmp / "fpo" / "step-000004")
     assert state["config"]["n_embd"] == 32 and state["train"]["init"] == f"{tmp}/sft"  # the SFT run's model
 
