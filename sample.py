@@ -164,7 +164,7 @@ def main(argv):
         if a.eval is None and (not a.video or not a.question or not a.question.strip()):
             ap.error("give a video and a non-empty question, or --eval ANNOTATIONS")
         if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
-            cache = FrameCache(None, mem_items=100000)
+            cache = FrameCache()
             for i, ckpt in enumerate(a.ckpt.split(",")):
                 model, tok, wp, _ = load_model(ckpt)
                 out = os.path.splitext(a.eval)[0] + (f".{i}" if "," in a.ckpt else "") + ".predictions.json"

@@ -3,6 +3,7 @@
 A recipe in order: config, data, model, optimizer, loop, checkpoint, evaluation. Every field of `Train` and of
 the model's `Config` can be overridden as `--name=value`. Multi-process: `torchrun --nproc_per_node=N train.py`.
 """
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,7 @@ class Train:
     fpo_scope: str = "all"         # all: whole response (paper); event: the perturbed event only (official)
     ref: bool = False              # FPO with the --init model as a frozen reference
     ckpt_every: int = 200
+    vit_cache: bool = False        # cache the frozen ViT's features per video in {data}/cache (full scale: a must)
     compile: bool = False
     seed: int = 0
 
@@ -177,6 +179,21 @@ def trainable_state(model):
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+@torch.no_grad()
+def vit_features(model, frames, dev):
+    """Normalised frames (T, 3, S, S) -> frozen ViT patch features (T, P, W) on the CPU (bf16 under CUDA)."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
+        return model.visual(frames.to(dev)).cpu()
+
+
+def vit_tag(model):
+    """Names the feature extractor in the cache key: a hash of the frozen tower's weights."""
+    h = hashlib.sha1()
+    for k, v in model.visual.state_dict().items():
+        h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
+    return "vit" + h.hexdigest()[:12]
+
+
 def read_state(ckpt):
     with open(os.path.join(ckpt, "state.json")) as f:
         return json.load(f)
@@ -283,9 +300,11 @@ def main(argv):
         mark_trainable(model, extra=("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head"))
     if rank == 0:
         save_tokenizers(tok, wp, t.out)
-    cache = FrameCache(os.path.join(t.data, "cache"), mem_items=100000)
+    cache = FrameCache(os.path.join(t.data, "cache"))
     train_json = t.train_json or os.path.join(t.data, "train.json" if t.stage == "sft" else "fpo_pairs.json")
     video = dict(fps=cfg.fps, size=cfg.img_size, max_frames=cfg.max_frames, alpha=t.soft_alpha or None)
+    if t.vit_cache:  # the frozen tower encodes each video once; batches then carry its features (B, T, P, W)
+        video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model))
     if t.stage == "sft":
         records = [ablate(r, cfg) for r in read_annotations(train_json)]
         ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)

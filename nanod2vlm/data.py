@@ -287,13 +287,14 @@ def collate(samples, pad_id):
 
 class FrameCache:
     """Decoded frames (uint8) or encoded features of each video, keyed by the sha1 of the file's bytes and the
-    preprocessing settings, in `dir` as safetensors (optional) and in memory (so one process decodes once).
+    preprocessing settings, in `dir` as safetensors (optional) and in memory up to `mem_gb`, least recently used
+    out first (the nano world fits whole; one full-scale video is 53 MB of frames, 250 MB of ViT-G features).
     `encode` (normalised frames -> features, e.g. the frozen vision tower) must come with a `tag` naming it:
     the tag is part of the key, so change it when the extractor changes."""
 
-    def __init__(self, dir=None, mem_items=64):
+    def __init__(self, dir=None, mem_gb=2.0):
         self.dir = Path(dir) if dir else None
-        self.mem, self.mem_items, self.sha1 = OrderedDict(), mem_items, {}
+        self.mem, self.mem_bytes, self.used, self.sha1 = OrderedDict(), mem_gb * 2**30, 0, {}
 
     def get(self, path, fps=1.0, size=224, max_frames=350, encode=None, tag=""):
         path = Path(path)
@@ -326,6 +327,7 @@ class FrameCache:
                 save_file({"x": out[0], "times": out[1]}, tmp)
                 os.replace(tmp, file)  # atomic: readers never see a half-written file
         self.mem[key] = out
-        if len(self.mem) > self.mem_items:
-            self.mem.popitem(last=False)
+        self.used += sum(x.nbytes for x in out)
+        while self.used > self.mem_bytes and len(self.mem) > 1:
+            self.used -= sum(x.nbytes for x in self.mem.popitem(last=False)[1])
         return out

@@ -1,5 +1,6 @@
 """Annotations, the tokenised + collated batch (contract format), <evi> frame targets, and the frame cache."""
 import json
+import os
 
 import pytest
 import torch
@@ -147,3 +148,16 @@ def test_ablations_rewrite_the_response():
     assert r["conversations"][1]["value"] == "<evi> <evi> <evi> <evi> </evi> The circle flashes in <evi> <evi> and <evi> <evi>."
     assert r["time_gt"]["interleaved_response"] == [[1.0, 1.0], [4.5, 4.5], [10.0, 10.0], [12.0, 12.0]]
     assert rec["time_gt"]["interleaved_response"] == [[1.0, 4.5], [10.0, 12.0]]  # the input is left alone
+
+
+def test_frame_cache_memory_is_bounded_least_recently_used_first(tmp_path, monkeypatch):
+    for i in range(3):
+        make_video(tmp_path / f"v{i}.mp4", [k / 5 for k in range(20)], [50 + 5 * k + 30 * i for k in range(20)], rate=5)
+    calls, real = [], data.read_video
+    monkeypatch.setattr(data, "read_video", lambda *a: calls.append(a[0]) or real(*a))
+    one = sum(x.nbytes for x in FrameCache().get(tmp_path / "v0.mp4", fps=1, size=32))
+    cache = FrameCache(mem_gb=2.5 * one / 2**30)  # room for two videos
+    for i in (0, 1, 0, 2, 0, 1):  # v1 is the least recently used when v2 comes in
+        cache.get(tmp_path / f"v{i}.mp4", fps=1, size=32)
+    assert [os.path.basename(p) for p in calls[1:]] == ["v0.mp4", "v1.mp4", "v2.mp4", "v1.mp4"]
+    assert len(cache.mem) == 2 and cache.used == 2 * one

@@ -163,3 +163,19 @@ def test_fpo_event_scope_keeps_only_the_perturbed_event():
     assert out["evi_pos"].tolist() == [3, 9] and out["evi_k"].tolist() == [1, 1]
     assert torch.equal(out["evi_y"], s["evi_y"][[1, 3]])
     assert only_events(s, [])["labels"].eq(-100).all()
+
+
+def test_vit_cache_trains_on_cached_features_with_the_same_losses(tmp, sft):
+    """--vit_cache: the frozen tower encodes each video once, into {data}/cache keyed by a hash of its weights; the
+    run sees the same features, so its losses are the reference run's (up to float summation order)."""
+    cache = tmp / "world" / "cache"
+    before = set(os.listdir(cache)) if cache.exists() else set()
+    cached = run(tmp, "vit-cache", *SFT, "--vit_cache")
+    for a, b in zip(cached, sft):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (cached, sft)
+    new = [f for f in set(os.listdir(cache)) - before if "_vit" in f]
+    n_videos = len({r["video"] for r in read_annotations(tmp / "world" / "train.json")})
+    assert len(new) == n_videos
+    from safetensors.torch import load_file
+    x = load_file(cache / new[0])["x"]
+    assert x.dim() == 3 and x.shape[1:] == (4, 16)  # (T, patches of a 16² frame in 8² patches, vit_width)
