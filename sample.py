@@ -132,14 +132,14 @@ def plot(path, result, frames, times, gt=None):
     axes[0, 0].set_axis_off()
     title = "".join(c for c in result["text"] if c.isprintable())  # an untrained model may emit control bytes
     axes[0, 0].set_title(title[:160], fontsize=8)
-    for ax, e in zip(axes[1:, 0], evis):
+    for i, (ax, e) in enumerate(zip(axes[1:, 0], evis)):
         p = torch.sigmoid(torch.tensor(e["sim"]))
         ax.plot(times, p, lw=1.2, label="sigmoid(sim)")
         ax.axhline(0.6 * p.max().item(), ls="--", c="gray", lw=0.8, label="0.6 × max")
         ax.axvspan(*e["seconds"], color="tab:orange", alpha=0.3, label="predicted")
-        if gt and e["stage"] == 1 and len(gt) >= sum(x["stage"] == 1 for x in evis[:evis.index(e) + 1]):
-            s, t = gt[sum(x["stage"] == 1 for x in evis[:evis.index(e) + 1]) - 1]
-            ax.axvspan(s, t, fill=False, hatch="//", ec="tab:green", label="ground truth")
+        k = sum(x["stage"] == e["stage"] for x in evis[:i])  # the k-th <evi> of each stage refers to the k-th event
+        if gt and k < len(gt):
+            ax.axvspan(*gt[k], fill=False, hatch="//", ec="tab:green", label="ground truth")
         ax.set(ylim=(0, 1.05), xlim=(float(times[0]), float(times[-1])), ylabel=f"<evi> stage {e['stage']}")
         ax.legend(fontsize=6, loc="upper right")
     axes[-1, 0].set_xlabel("seconds")

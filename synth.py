@@ -7,7 +7,8 @@ A response "<evi> ... <evi> </evi> text with <evi> references" is read as events
 (the same in both stages) + its stage-2 chunk (the text around its <evi> reference). Per record: one factor
 (temporal or textual) uniformly among the applicable ones, then one applicable sub-factor uniformly, then
 events. temporal: shift, add (a false event), delete, merge (adjacent events); textual: distort (swap a
-content word for another of its class; the paper prompts an LLM), repeat (the previous event's text).
+content word for another of its class, keeping every adjacent word pair one the corpus has; the paper prompts
+an LLM), repeat (the previous event's text).
 Pair fields "events"/"rejected_events" index the perturbed events in each response: shift/distort/repeat
 [k]/[k], add []/[new], delete [k]/[], merge [k, k+1]/[k]. Both sides are re-rendered with single spaces.
 """
@@ -74,14 +75,16 @@ def render(ev):
 
 
 def build_vocab(records):
-    """Word classes as they occur in the responses: {class: sorted words}, digit numbers as class "number"."""
-    vocab = {}
+    """What a distortion may say: the words of each class as they occur in the responses ({class: sorted words},
+    digit numbers as class "number") and every pair of adjacent words the responses contain."""
+    words, pairs = {}, set()
     for rec in records:
-        for w in TOKEN.findall(gpt_value(rec)):
-            c = word_class(w)
-            if c:
-                vocab.setdefault(c, set()).add(w.lower())
-    return {c: sorted(ws) for c, ws in vocab.items()}
+        toks = [w.lower() for w in TOKEN.findall(gpt_value(rec))]
+        pairs.update(zip(toks, toks[1:]))
+        for w in toks:
+            if word_class(w):
+                words.setdefault(word_class(w), set()).add(w)
+    return {"words": {c: sorted(ws) for c, ws in words.items()}, "pairs": pairs}
 
 
 def word_class(w):
@@ -89,16 +92,26 @@ def word_class(w):
 
 
 def swappable(chunk, vocab):
-    return [m for m in TOKEN.finditer(chunk) if len(vocab.get(word_class(m.group()), ())) > 1]
+    """[(word match, its replacements)]: other words of its class that keep both neighbouring word pairs seen in
+    the corpus, so the distortion stays a plausible sentence (the paper's LLM writes sensible text) and never
+    invents a combination the corpus lacks (a held-out colour-shape pair would otherwise become a negative)."""
+    ms, out = list(TOKEN.finditer(chunk)), []
+    for j, m in enumerate(ms):
+        prev, nxt = (ms[i].group().lower() if 0 <= i < len(ms) else None for i in (j - 1, j + 1))
+        reps = [w for w in vocab["words"].get(word_class(m.group()), ()) if w != m.group().lower()
+                and (prev is None or (prev, w) in vocab["pairs"]) and (nxt is None or (w, nxt) in vocab["pairs"])]
+        if reps:
+            out.append((m, reps))
+    return out
 
 
 def distort(chunk, rng, vocab, llm=None):
-    """Swap one content word for another of its class (or ask the --llm hook; kept only with one <evi>)."""
+    """Swap one content word for a plausible other of its class (or ask the --llm hook; kept only with one <evi>)."""
     if llm:
         out = llm(chunk).strip()
         return out if out.count("<evi>") == 1 else chunk
-    m = rng.choice(swappable(chunk, vocab))
-    new = rng.choice([w for w in vocab[word_class(m.group())] if w != m.group().lower()])
+    m, reps = rng.choice(swappable(chunk, vocab))
+    new = rng.choice(reps)
     return chunk[:m.start()] + (new.capitalize() if m.group()[0].isupper() else new) + chunk[m.end():]
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from synth import TOKEN, apply, build_vocab, candidates, load, main, parse, render, synth, word_class
+from synth import TOKEN, apply, build_vocab, candidates, distort, load, main, parse, render, synth, word_class
 
 
 def record(task, dur, ivs, answer, question="<image>\nWhen?"):
@@ -80,6 +80,8 @@ def test_each_perturbation_changes_only_what_it_says():
                         diff = [(x, y) for x, y in zip(a, b) if x != y]
                         assert len(a) == len(b) and len(diff) == 1
                         assert word_class(diff[0][0]) == word_class(diff[0][1]) is not None
+                        b = [w.lower() for w in b]  # ... and the new sentence's adjacent word pairs all occur
+                        assert set(zip(b, b[1:])) <= VOCAB["pairs"]
                 else:  # repeat
                     assert ks == rks and ks and ivs(rej) == ivs(ev)
                     assert all(rej[k][2] == rej[k - 1][2] for k in ks)
@@ -137,7 +139,6 @@ def test_load_rejects_bad_json(tmp_path):
 
 
 def test_an_llm_distortion_is_kept_only_with_exactly_one_evi():
-    from synth import distort
     rng, chunk = random.Random(0), "The red square flashes in <evi>."
     assert distort(chunk, rng, VOCAB, llm=lambda c: " The blue square flashes in <evi>. ") == \
         "The blue square flashes in <evi>."
@@ -146,3 +147,14 @@ def test_an_llm_distortion_is_kept_only_with_exactly_one_evi():
     ev = parse(record("qa", 20.0, [[1.0, 4.0]], "<evi> </evi> <evi>."))  # no content word to swap ...
     assert "distort" not in candidates(ev, 20.0, VOCAB, None)
     assert candidates(ev, 20.0, VOCAB, lambda c: c)["distort"] == [0]  # ... but an LLM may still rewrite it
+
+
+def test_distort_never_invents_a_combination_the_corpus_lacks():
+    """"red square" and "blue circle" occur, "red circle" and "blue square" do not (think: a held-out pair): no
+    distortion of "The red square flashes" may say them; "green square" and "square spins" occur, so they may."""
+    recs = [record("a", 9.0, [[1.0, 2.0]], "<evi> </evi> The red square flashes in <evi>."),
+            record("b", 9.0, [[1.0, 2.0]], "<evi> </evi> The blue circle flashes in <evi>."),
+            record("c", 9.0, [[1.0, 2.0]], "<evi> </evi> The green square spins in <evi>.")]
+    vocab = build_vocab(recs)
+    outs = {distort("The red square flashes in <evi>.", random.Random(s), vocab) for s in range(40)}
+    assert outs == {"The green square flashes in <evi>.", "The red square spins in <evi>."}
