@@ -93,10 +93,13 @@ def evaluate(model, tok, wp, ann_path, cache, out_path=None, max_new_tokens=96):
                           gt=rec["time_gt"]["interleaved_response"], gt_captions=chunks(rec["conversations"][1]["value"]),
                           gt_answer=rec["conversations"][1]["value"].split("</evi>")[-1].strip()))
     by = lambda task: [p for p in preds if p["task"] == task]
+
+    def single_span(ps):  # moment retrieval (Charades R@1, mIoU) and E.T. Bench's TVG/EPM F1 of the first span
+        return dict(grounding_recall([p["spans"][0] if p["spans"] else None for p in ps], [p["gt"][0] for p in ps]),
+                    F1=multi_span_f1([p["spans"][:1] for p in ps], [p["gt"][:1] for p in ps])["F1"])
     m = {}
     if by("single"):
-        m["single"] = grounding_recall([p["spans"][0] if p["spans"] else None for p in by("single")],
-                                       [p["gt"][0] for p in by("single")])
+        m["single"] = single_span(by("single"))
     if by("multi"):
         m["multi"] = multi_span_f1([p["spans"] for p in by("multi")], [p["gt"] for p in by("multi")])
     if by("dense"):
@@ -104,8 +107,14 @@ def evaluate(model, tok, wp, ann_path, cache, out_path=None, max_new_tokens=96):
                                           [list(zip(p["gt"], p["gt_captions"])) for p in by("dense")])
     if by("qa"):
         qa = by("qa")
-        m["qa"] = dict(grounding_recall([p["spans"][0] if p["spans"] else None for p in qa], [p["gt"][0] for p in qa]),
+        m["qa"] = dict(single_span(qa),
                        accuracy=100 * sum(p["answer"].split(".")[0] == p["gt_answer"].split(".")[0] for p in qa) / len(qa))
+    # the paper's Tab. 4-6 columns: grounding avg F1 (here over single, qa, multi), dense captioning F1 and Sim
+    gnd = [m[t]["F1"] for t in ("single", "qa", "multi") if t in m]
+    avg = {"grounding_F1": sum(gnd) / len(gnd)} if gnd else {}
+    if "dense" in m:
+        avg.update(dense_F1=m["dense"]["F1"], dense_Sim=m["dense"]["Sim_unigram"])
+    m["avg"] = avg
     if out_path:
         with open(out_path, "w") as f:
             json.dump(dict(metrics=m, predictions=preds), f, indent=1)

@@ -86,8 +86,12 @@ def test_eval_prints_metrics_and_writes_predictions(tmp, capsys):
     p = json.load(open(preds))
     records = json.load(open(ann))
     tasks = {r["task"] for r in records}
-    assert set(p["metrics"]) == tasks and len(p["predictions"]) == len(records)
-    for task in tasks:
+    m = p["metrics"]
+    assert set(m) == tasks | {"avg"} and len(p["predictions"]) == len(records)
+    gnd = [m[t]["F1"] for t in ("single", "qa", "multi") if t in tasks]  # the paper's grounding avg F1
+    assert m["avg"]["grounding_F1"] == pytest.approx(sum(gnd) / len(gnd))
+    assert m["avg"]["dense_F1"] == m["dense"]["F1"] and m["avg"]["dense_Sim"] == m["dense"]["Sim_unigram"]
+    for task in tasks | {"avg"}:
         assert any(line.strip().startswith(f"{task}: ") for line in out.splitlines()), out
     assert f"predictions and metrics: {preds}" in out
 
