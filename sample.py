@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from nanod2vlm.data import AnnotationError, FrameCache, VideoError, normalize, read_annotations, read_video
-from nanod2vlm.metrics import dense_caption_scores, grounding_recall, multi_span_f1, parse_spans
+from nanod2vlm.metrics import SPAN, dense_caption_scores, grounding_recall, multi_span_f1, parse_spans
 from nanod2vlm.model import CheckpointError, Config, D2VLM, add_lora, eva_rename, load_safetensors_into
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
@@ -71,13 +71,18 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=96, temperatu
     grounded, spans = ([e["seconds"] for e in evis if e["stage"] == k] for k in (1, 2))
     if frame_level:
         grounded, spans = ([(a[0], b[0]) for a, b in zip(x[::2], x[1::2])] for x in (grounded, spans))
-    if not model.cfg.interleave:  # the answer states its timestamps as text
-        spans = [tuple(s) for s in parse_spans(text.split("</evi>")[-1])]
+    # dense captions: the text after each answer event's <evi> (after the second of a frame-level pair) ...
+    after = [tok.decode(out[a + 1:b]).replace("<|end|>", "").strip() for e, a, b in zip(evis, cuts, cuts[1:])
+             if e["stage"] == 2]
+    captions = after[1::2] if frame_level else after
+    if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text, after each of those
+        stated = text.split("</evi>")[-1]
+        spans, captions = [tuple(s) for s in parse_spans(stated)], [c.strip() for c in SPAN.split(stated)[3::3]]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding with </evi>)"
     if len(evis) > len(frames):
         note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"
-    return dict(text=" ".join(text.split()) + note, raw=raw, grounding=grounded, answer_spans=spans, evis=evis,
-                seconds=time.time() - t0, frames=len(frames))
+    return dict(text=" ".join(text.split()) + note, raw=raw, grounding=grounded, answer_spans=spans, captions=captions,
+                evis=evis, seconds=time.time() - t0, frames=len(frames))
 
 
 def evaluate(model, tok, wp, ann_path, cache, out_path=None, max_new_tokens=96):
@@ -89,7 +94,7 @@ def evaluate(model, tok, wp, ann_path, cache, out_path=None, max_new_tokens=96):
         q = rec["conversations"][0]["value"].replace("<image>", "").strip()
         a = answer(model, tok, wp, frames, times, q, max_new_tokens)
         preds.append(dict(video=rec["video"], task=rec.get("task", "single"), question=q, answer=a["text"].split("</evi>")[-1].strip(),
-                          spans=a["answer_spans"], grounding=a["grounding"], captions=chunks(a["raw"]),
+                          spans=a["answer_spans"], grounding=a["grounding"], captions=a["captions"],
                           gt=rec["time_gt"]["interleaved_response"], gt_captions=chunks(rec["conversations"][1]["value"]),
                           gt_answer=rec["conversations"][1]["value"].split("</evi>")[-1].strip()))
     by = lambda task: [p for p in preds if p["task"] == task]

@@ -160,3 +160,21 @@ def test_evi_spelled_in_bytes_is_text_not_a_reference(tmp, capsys, monkeypatch):
     r = json.loads(ask(capsys, video(tmp), Q, "--ckpt", tmp / "run", "--json"))
     assert "<evi>" in r["raw"].split("</evi>")[1] and len(r["evis"]) == 1
     assert r["text"].endswith("</evi> in <evi>")
+
+
+@pytest.mark.parametrize("mode", ["event", "frame", "text"])  # the default, and the Tab. 6 / Tab. 4 ablations
+def test_dense_captions_follow_their_answer_spans(tmp, monkeypatch, mode):
+    from dataclasses import replace
+    from nanod2vlm.data import read_video
+    said = {"event": "<evi> <evi> </evi> <evi> A red square appears. <evi> A blue circle appears.",
+            "frame": "<evi> <evi> <evi> <evi> </evi> <evi> <evi> A red square appears. <evi> <evi> A blue circle appears.",
+            "text": "<evi> <evi> </evi> 1s - 4s A red square appears. 6s - 9.5s A blue circle appears."}[mode]
+    scripted(monkeypatch, lambda tok: tok.encode(said))
+    model, tok, wp, _ = sample.load_model(str(tmp / "run"))
+    model.cfg = replace(model.cfg, evi_unit="frame" if mode == "frame" else "event", interleave=mode != "text")
+    frames, times = read_video(video(tmp), model.cfg.fps, model.cfg.img_size, model.cfg.max_frames)
+    r = sample.answer(model, tok, wp, frames, times, "Describe the events in the video.")
+    assert r["captions"] == ["A red square appears.", "A blue circle appears."], r
+    assert len(r["answer_spans"]) == len(r["grounding"]) == 2
+    if mode == "text":
+        assert r["answer_spans"] == [(1.0, 4.0), (6.0, 9.5)]
