@@ -58,9 +58,9 @@ class Train:
     seed: int = 0
 
 
-# --stage=fpo defaults. Eq. (4) as written (no reference, whole response) lowers every nano score (README, Tab. 5):
-# summed log-probs favour the shorter side of a pair, so "delete" pairs teach extra events. A frozen reference
-# (DPO's correction) and the perturbed-event scope (official) remove that bias; --ref=false --fpo_scope=all is Eq. (4).
+# --stage=fpo defaults. Eq. (4) as written (--ref=false --fpo_scope=all) lowers the nano grounding avg F1 from 79.5 to
+# 69.1 (README, Tab. 5): summed log-probs favour the shorter side of a pair, so "delete" pairs teach extra events. A
+# frozen reference (DPO's correction) and the perturbed-event scope (official) remove that bias: 79.5 -> 80.5.
 FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size=8, ref=True, fpo_scope="event")
 
 
