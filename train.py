@@ -182,9 +182,9 @@ def trainable_state(model):
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-@torch.no_grad()
 def vit_features(model, frames, dev):
-    """Normalised frames (T, 3, S, S) -> frozen ViT patch features (T, P, W) on the CPU (bf16 under CUDA)."""
+    """Normalised frames (T, 3, S, S) -> frozen ViT patch features (T, P, W) on the CPU (bf16 under CUDA); the
+    cache calls it under no_grad."""
     with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
         return model.visual(frames.to(dev)).cpu()
 
