@@ -599,7 +599,10 @@ class D2VLM(nn.Module):
             e = embed.weight[nxt]
             if nxt == cfg.evi_id:
                 sim = (f_frm @ self.evi_head(h[0, -1])).float() / math.sqrt(cfg.n_embd)
-                s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
+                if cfg.evi_unit == "event":
+                    s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
+                else:  # Tab. 6 ablation: an <evi> names one boundary frame, its most similar one
+                    s = t = int(sim.argmax())
                 if cfg.evi_capture:
                     e = e + F_V[s:t + 1].mean(0).to(e.dtype)
                 evis.append(dict(stage=stage, span=(s, t), seconds=(float(times[s]), float(times[t])), sim=sim.tolist()))

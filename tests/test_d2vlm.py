@@ -2,6 +2,7 @@
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 from nanod2vlm.model import CONFIGS, D2VLM, span_of
@@ -77,9 +78,10 @@ def test_teacher_forced_pooling_and_sim_match_slow_loops():
         torch.testing.assert_close(seen["x"][0, i], F_V[0, t])
 
 
-def test_generate_grounds_each_evi_with_the_inference_rule():
+@pytest.mark.parametrize("unit", ["event", "frame"])  # frame: the Tab. 6 ablation, one boundary frame per <evi>
+def test_generate_grounds_each_evi_with_the_inference_rule(unit):
     torch.manual_seed(0)
-    model = D2VLM(CFG).eval()
+    model = D2VLM(replace(CFG, evi_unit=unit)).eval()
     with torch.no_grad():  # make the model emit <evi> <evi> </evi> <evi> <|end|> whatever it sees
         model.llm.lm_head.weight.zero_()
     script = iter([4, 4, 5, 4, 6])
@@ -96,7 +98,8 @@ def test_generate_grounds_each_evi_with_the_inference_rule():
     assert out == [4, 4, 5, 4, 6]
     assert [e["stage"] for e in evis] == [1, 1, 2]
     for e in evis:
-        s, t = slow_span(torch.sigmoid(torch.tensor(e["sim"])).tolist())
+        p = torch.sigmoid(torch.tensor(e["sim"])).tolist()
+        s, t = slow_span(p) if unit == "event" else (p.index(max(p)),) * 2
         assert e["span"] == (s, t) and e["seconds"] == (2.0 * s, 2.0 * t)
 
 
