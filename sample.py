@@ -61,20 +61,19 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=96, temperatu
     raw = tok.decode(out)
     # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
     cuts = [j for j, i in enumerate(out) if i == tok.evi_id] + [len(out)]
+    after = [tok.decode(out[a + 1:b]).replace("<|end|>", "") for a, b in zip(cuts, cuts[1:])]  # text after each <evi>
     frame_level = model.cfg.evi_unit == "frame"  # each <evi> is one boundary frame; events are their pairs
-    text = tok.decode(out[:cuts[0]])
-    for e, a, b in zip(evis, cuts, cuts[1:]):
+    text = tok.decode(out[:cuts[0]]).replace("<|end|>", "")
+    for e, piece in zip(evis, after):
         s, t = e["seconds"]
         text += ("" if text[-1:].isspace() or not text else " ") + (f"{s:.1f}s" if frame_level else f"{s:.1f}s - {t:.1f}s")
-        text += tok.decode(out[a + 1:b])
-    text = text.replace("<|end|>", "")
+        text += piece
     grounded, spans = ([e["seconds"] for e in evis if e["stage"] == k] for k in (1, 2))
     if frame_level:
         grounded, spans = ([(a[0], b[0]) for a, b in zip(x[::2], x[1::2])] for x in (grounded, spans))
     # dense captions: the text after each answer event's <evi> (after the second of a frame-level pair) ...
-    after = [tok.decode(out[a + 1:b]).replace("<|end|>", "").strip() for e, a, b in zip(evis, cuts, cuts[1:])
-             if e["stage"] == 2]
-    captions = after[1::2] if frame_level else after
+    captions = [c.strip() for e, c in zip(evis, after) if e["stage"] == 2]
+    captions = captions[1::2] if frame_level else captions
     if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text, after each of those
         stated = text.split("</evi>")[-1]
         spans, captions = [tuple(s) for s in parse_spans(stated)], [c.strip() for c in SPAN.split(stated)[3::3]]
