@@ -445,7 +445,8 @@ class Phi3(nn.Module):
 
     def forward(self, x, pos, mask, cache=None, hidden_layer=-1):
         """x (B, L, C) input embeddings (the caller embeds ids and may edit them); pos (B, L) long RoPE
-        positions; mask (B, 1, L, Lk) bool (see build_mask); cache: KVCache or None.
+        positions; mask (B, 1, L, Lk) bool (see build_mask), or None to let every query see every key (a decode
+        step over an unpadded cache: no mask to build, and the faster SDPA path); cache: KVCache or None.
         Returns logits (B, L, vocab) and h (B, L, C), the output of block `hidden_layer` (-1: last block,
         before the final norm; -2: the block before, HF hidden_states[-2] as the official code reads it)."""
         cos, sin = rope_cos_sin(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
@@ -476,8 +477,7 @@ class Phi3(nn.Module):
             out.append(logits[0, -1].argmax().item())
             if out[-1] == end_id or i == max_new_tokens - 1:
                 break
-            mask = torch.ones(1, 1, 1, L + i + 1, dtype=torch.bool, device=dev)
-            logits, _ = self(emb.weight[out[-1]][None, None], torch.tensor([[L + i]], device=dev), mask, cache)
+            logits, _ = self(emb.weight[out[-1]][None, None], torch.tensor([[L + i]], device=dev), None, cache)
         return out
 
     @classmethod
@@ -608,8 +608,8 @@ class D2VLM(nn.Module):
                 evis.append(dict(stage=stage, span=(s, t), seconds=(float(times[s]), float(times[t])), sim=sim.tolist()))
             elif nxt == cfg.evi_end_id:
                 stage = 2
-            mask = torch.ones(1, 1, 1, L + i + 1, dtype=torch.bool, device=dev)
-            logits, h = self.llm(e[None, None], torch.tensor([[L + i]], device=dev), mask, cache,
+            # mask None: the new token sees every cached one
+            logits, h = self.llm(e[None, None], torch.tensor([[L + i]], device=dev), None, cache,
                                  hidden_layer=cfg.evi_layer)
         return out, evis
 
