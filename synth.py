@@ -28,6 +28,8 @@ LEXICON = {  # word classes of the synthetic world; a word swaps only for one of
 CLASS_OF = {w: c for c, words in LEXICON.items() for w in words.split()}
 FACTORS = {"temporal": ("shift", "add", "delete", "merge"), "textual": ("distort", "repeat")}
 TOKEN = re.compile(r"<evi>|[A-Za-z]+|\d+")
+LLM_PROMPT = ("Rewrite this sentence with one key detail (a colour, shape, action or number) changed. "
+              "Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
 
 
 def load(path):
@@ -220,9 +222,8 @@ def llm_distorter(hf_dir, max_new_tokens=64):
     tok, llm = Tokenizer.phi3(hf_dir), Phi3.from_pretrained(hf_dir, dtype=torch.float32)
 
     def ask(chunk):
-        prompt = tok.chat(f"Rewrite this sentence with one key detail (a colour, shape, action or number) changed. "
-                          f"Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
-        return tok.decode(llm.generate(tok.encode(prompt), max_new_tokens, tok.end_id)).replace("<|end|>", "")
+        ids = tok.encode(tok.chat(LLM_PROMPT.format(chunk=chunk)))
+        return tok.decode(llm.generate(ids, max_new_tokens, tok.end_id)).replace("<|end|>", "")
     return ask
 
 

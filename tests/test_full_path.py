@@ -192,8 +192,7 @@ def test_synth_llm_asks_phi3_through_our_sampler(tiny_world, ckpts, tmp_path, ca
     ask = synth.llm_distorter(str(hf_dir), max_new_tokens=12)
     tok, hf = Tokenizer.phi3(hf_dir), transformers.Phi3ForCausalLM.from_pretrained(hf_dir).eval()
     chunk = "The red square appears in <evi>."
-    prompt = tok.chat("Rewrite this sentence with one key detail (a colour, shape, action or number) changed. "
-                      f"Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
+    prompt = tok.chat(synth.LLM_PROMPT.format(chunk=chunk))
     ids = torch.tensor([tok.encode(prompt)])
     ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                       eos_token_id=tok.end_id, pad_token_id=0)[0, ids.shape[1]:].tolist()
