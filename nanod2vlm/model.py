@@ -117,8 +117,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         B, L, C = x.shape
-        qkv = self.qkv_proj(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        (q, k), v = apply_rope(qkv[:2], cos, sin), qkv[2]  # q and k rotated in one go: (B, nh, L, hd) each
+        q, k, v = self.qkv_proj(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, L, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

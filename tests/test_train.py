@@ -184,3 +184,12 @@ def test_vit_cache_trains_on_cached_features_with_the_same_losses(tmp, sft):
     from safetensors.torch import load_file
     x = load_file(cache / new[0])["x"]
     assert x.dim() == 3 and x.shape[1:] == (4, 16)  # (T, patches of a 16² frame in 8² patches, vit_width)
+
+
+def test_compile_gives_the_eager_losses(tmp, sft):
+    """--compile (torch.compile, dynamic shapes: every batch has other lengths) runs the same steps as eager mode.
+    The slowest test (~1 min, compiling on the CPU); it caught an inductor stride bug that eager tests cannot."""
+    compiled = run(tmp, "compiled", *SFT, "--compile")
+    assert len(compiled) == len(sft) == 8
+    for a, b in zip(compiled, sft):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (compiled, sft)
