@@ -7,7 +7,7 @@ and last the checkpoint loading.
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn

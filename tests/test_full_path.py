@@ -3,7 +3,6 @@ an HF Phi3ForCausalLM folder with a sentencepiece tokenizer.model, a timm EVA (V
 vocab.txt. Loading is exact, only LoRA and the named extras train, the checkpoint holds only those, and sample.py
 rebuilds the same model from the recorded base paths. Also: the official E.T. Chat / D²VLM key map."""
 import json
-import os
 
 import pytest
 import sentencepiece as spm
