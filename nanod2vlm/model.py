@@ -538,31 +538,41 @@ class D2VLM(nn.Module):
         self.evi_head, self.frm_head = head(cfg.n_embd), head(cfg.n_embd)
 
     def frame_tokens(self, frames, frm_valid, q_ids, q_valid):
-        """F_V, one token per frame (B, T, C). `frames`: pixels (B, T, 3, S, S) or cached ViT features (B, T, P, W)."""
-        x = frames[frm_valid]
+        """F_V, one token per frame (B, T, C), zeros for padding frames. `frames`: pixels (B, T, 3, S, S) or cached
+        ViT features (B, T, P, W)."""
+        b, t = frm_valid.nonzero(as_tuple=True)  # the real frames (torch.compile: the forward's one graph break)
+        x = frames[b, t]
         if x.dim() == 4:
             with torch.no_grad():
                 x = self.visual(x)
-        n = frm_valid.sum(1)
-        tok = self.compressor(x, q_ids.repeat_interleave(n, 0), q_valid.repeat_interleave(n, 0))
-        return tok.new_zeros(*frm_valid.shape, tok.shape[-1]).masked_scatter(frm_valid[..., None], tok)
+        tok = self.compressor(x, q_ids[b], q_valid[b])
+        return tok.new_zeros(*frm_valid.shape, tok.shape[-1]).index_put((b, t), tok)
+
+    def embed(self, ids, F_V):
+        """Input embeddings with F_V in place of the frame placeholders -> x (B, L, C) and each frame's position
+        (B, T). A sample's placeholders are one run (data.py, answer()): position start + t holds frame t. Gathers
+        of fixed shapes, so torch.compile traces them; padding frames point at some other position."""
+        frm, (B, T) = ids == self.cfg.image_id, F_V.shape[:2]
+        start = frm.int().argmax(1, keepdim=True)  # the first placeholder
+        rows, L = torch.arange(B, device=ids.device)[:, None], ids.shape[1]
+        t_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
+        x = torch.where(frm[..., None], F_V[rows, t_at], self.llm.model.embed_tokens(ids))
+        return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
 
     def forward(self, b):
         """Teacher-forced pass: logits (B, L, V), sim (N, T) for every <evi> of the batch, F_<evi> (N, C)."""
-        cfg, ids, valid, frm_valid, evi_b = self.cfg, b["ids"], b["valid"], b["frm_valid"], b["evi_b"]
-        F_V = self.frame_tokens(b["frames"], frm_valid, b["q_ids"], b["q_valid"])
-        frm = ids == cfg.image_id
-        x = self.llm.model.embed_tokens(ids).masked_scatter(frm[..., None], F_V[frm_valid].to(F_V.dtype))
+        cfg, ids, valid, evi_b = self.cfg, b["ids"], b["valid"], b["evi_b"]
+        F_V = self.frame_tokens(b["frames"], b["frm_valid"], b["q_ids"], b["q_valid"])
+        x, at = self.embed(ids, F_V)
         if cfg.evi_capture:  # visual semantic capture, teacher-forced: + mean of the frames inside the interval
             t = torch.arange(F_V.shape[1], device=ids.device)
             inside = ((t >= b["evi_span"][:, :1]) & (t <= b["evi_span"][:, 1:])).to(F_V.dtype)  # (N, T)
             pooled = torch.einsum("nt,ntc->nc", inside, F_V[evi_b]) / inside.sum(1, keepdim=True)
             x = x.index_put((evi_b, b["evi_pos"]), pooled.to(x.dtype), accumulate=True)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        logits, h = self.llm(x, pos, build_mask(valid, frm), hidden_layer=cfg.evi_layer)
+        logits, h = self.llm(x, pos, build_mask(valid, ids == cfg.image_id), hidden_layer=cfg.evi_layer)
         f_evi = self.evi_head(h[evi_b, b["evi_pos"] - 1])  # the position that predicts <evi>
-        f_frm = self.frm_head(h[frm])
-        f_frm = f_frm.new_zeros(*frm_valid.shape, f_frm.shape[-1]).masked_scatter(frm_valid[..., None], f_frm)
+        f_frm = self.frm_head(h[torch.arange(len(at), device=ids.device)[:, None], at])  # (B, T, C)
         sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[evi_b]) / math.sqrt(cfg.n_embd)  # SPEC §2: a logit
         return logits, sim, f_evi
 
@@ -580,12 +590,12 @@ class D2VLM(nn.Module):
         if frm.sum() != T:
             raise ValueError(f"the prompt has {int(frm.sum())} frame placeholders for {T} frames")
         embed = self.llm.model.embed_tokens
-        x = embed(ids).masked_scatter(frm[..., None], F_V.to(embed.weight.dtype))
+        x, at = self.embed(ids, F_V[None].to(embed.weight.dtype))
         L = ids.shape[1]
         cache = self.llm.new_cache(1, L + max_new_tokens, x.dtype, dev)
         logits, h = self.llm(x, torch.arange(L, device=dev)[None], build_mask(torch.ones_like(frm), frm),
                              cache, hidden_layer=cfg.evi_layer)
-        f_frm = self.frm_head(h[frm])  # frames precede the answer, so their hidden states are final
+        f_frm = self.frm_head(h[0, at[0]])  # frames precede the answer, so their hidden states are final
         gen = torch.Generator(device=dev).manual_seed(seed)
         out, evis, stage = [], [], 1
         for i in range(max_new_tokens):
