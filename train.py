@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
 from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
-from nanod2vlm.model import (CONFIGS, CheckpointError, D2VLM, add_lora, eva_rename, load_safetensors_into,
+from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, D2VLM, add_lora, eva_rename, load_safetensors_into,
                              mark_trainable, save_safetensors)
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from sample import evaluate, load_model, print_metrics
@@ -300,7 +300,7 @@ def main(argv):
         if cfg.lora_r:
             add_lora(model.llm, cfg)
     if cfg.lora_r:
-        mark_trainable(model, extra=("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head"))
+        mark_trainable(model, extra=LORA_EXTRA)
     if rank == 0:
         save_tokenizers(tok, wp, t.out)
     cache = FrameCache(os.path.join(t.data, "cache"))

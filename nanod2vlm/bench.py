@@ -4,7 +4,8 @@ cpu    a tiny Phi-3, same config and same weights, ours vs transformers + peft: 
        greedy generation, tokens/s and the ratios.
 evi    the <evi> work of one generated <evi> token vs one full-width decoder step (paper App. C.3: 1.4%).
 video  read_video at 1 fps vs decoding every frame of a 60 s 30 fps clip.
-gpu    (--gpu, needs CUDA) full-config LoRA SFT step in bf16 with torch.compile: ours vs transformers + peft.
+gpu    (--gpu, needs CUDA) full-config D2VLM SFT step, bf16, torch.compile: time, MFU, peak memory; and its Phi-3
+       part, ours vs transformers + peft.
 Every figure is the median over --steps repeats after warm-up; ours and theirs alternate, so the load of a shared
 machine falls on both alike.
 """
@@ -20,10 +21,11 @@ from dataclasses import replace
 import av
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nanod2vlm.data import read_video
 from nanod2vlm.loss import L_gnd, L_sft
-from nanod2vlm.model import CONFIGS, D2VLM, Block, Config, KVCache, Phi3, add_lora, build_mask, head, \
+from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, Block, Config, KVCache, Phi3, add_lora, build_mask, head, \
     mark_trainable, rope_cos_sin, span_of
 
 ROWS = []  # (name, value, unit, target, PASS/FAIL or "")
@@ -175,33 +177,27 @@ def bench_video(args):
     row("read_video speed-up over every frame", t_all / t_read, "x")
 
 
-def step_flops(model, n):
-    """Model FLOPs of one LoRA training step of Phi-3 `model` on n tokens (formula in bench_gpu's docstring)."""
-    cfg = model.cfg
-    N = sum(m.weight.numel() for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) or name.endswith(cfg.lora_targets))
-    N_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return n * (4 * N + 6 * N_lora + 12 * cfg.n_layer * cfg.n_embd * n), N, N_lora
+def count_flops(fn):
+    """FLOPs of one call of fn as PyTorch's counter sees them: matmuls, convolutions and, on CUDA, attention
+    (over the whole masked square). The optimizer's element-wise work counts nothing."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def bench_gpu(args, dev="cuda"):
-    """Full-config LoRA SFT step, bf16, torch.compile: `T` cached ViT features through the compressor, T frame
-    tokens + `L` text tokens through Phi-3, the <evi> heads, L_sft + L_gnd. The transformers + peft ratio is on the
-    same Phi-3 step (inputs_embeds, the same 4-D frame mask): transformers has no D2VLM.
-    MFU counts the model FLOPs of the Phi-3 step, per token: 4 N_frozen (forward 2N + input gradients 2N; frozen
-    weights get no weight gradient) + 6 N_lora + 12 n_layer C (T + L) (QK^T and AV over the whole masked square,
-    forward + backward); N = decoder linears + lm_head, embeddings excluded."""
+    """Full-config SFT step in bf16 with torch.compile, training what train.py trains (LoRA + LORA_EXTRA): `T` cached
+    ViT features through the compressor, T frame tokens + `L` text tokens through Phi-3, the <evi> heads,
+    L_sft + L_gnd. Timed alone, so its peak memory is its own. Then the Phi-3 part of that step (LoRA only,
+    inputs_embeds, the same 4-D frame mask), ours vs transformers + peft side by side: transformers has no D2VLM.
+    MFU = the FLOPs of one eager step (count_flops) / step time / 989 TFLOP/s (H100 SXM dense bf16)."""
     cfg, T, L = (Config(lora_r=4, lora_alpha=8.0), 8, 24) if args.tiny else (CONFIGS["full"], 350, 2048)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
     with torch.device(dev):
-        hf, model = hf_phi3(cfg).to(torch.bfloat16), D2VLM(cfg).to(torch.bfloat16)
-    model.llm.load_state_dict(hf.state_dict())
-    theirs, ours, opt_theirs, opt_ours = lora_pair(hf, model.llm, cfg)
-    mark_trainable(model, extra=("evi_head", "frm_head", "compressor"))
-    opt_model = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    if dev == "cuda":
-        ours.compile(), theirs.compile()
+        model = D2VLM(cfg).to(torch.bfloat16)
+    add_lora(model.llm, cfg)
+    mark_trainable(model, extra=LORA_EXTRA)
     n, P = T + L, (cfg.img_size // cfg.patch) ** 2
     ids = torch.randint(10, cfg.vocab_size, (1, n), device=dev)
     ids[0, 8:8 + T] = cfg.image_id
@@ -213,29 +209,41 @@ def bench_gpu(args, dev="cuda"):
                  frm_valid=torch.ones(1, T, dtype=torch.bool), q_ids=torch.randint(1, 100, (1, 16)),
                  q_valid=torch.ones(1, 16, dtype=torch.bool), evi_b=torch.zeros(E, dtype=torch.long),
                  evi_pos=evi_pos, evi_span=torch.tensor([[T // 4, T // 2]] * E), evi_y=torch.rand(E, T))
-    x, mask = torch.randn(1, n, cfg.n_embd, device=dev, dtype=torch.bfloat16), build_mask(valid, frm)
-    pos = torch.arange(n, device=dev)[None]
 
     def loss_model():
         logits, sim, _ = model(b)
         return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], b["frm_valid"][b["evi_b"]])
+    step_model = step_fn(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), loss_model)
+    flops = count_flops(step_model)
+    if dev == "cuda":
+        model.compile()
+        torch.cuda.reset_peak_memory_stats()
+    (t_model,) = side_by_side([step_model], args.steps, warmup=3, sync=sync)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if dev == "cuda" else 0.0
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"gpu: {torch.cuda.get_device_name() if dev == 'cuda' else dev}, {T} frames + {L} tokens, bf16, LoRA "
+          f"r={cfg.lora_r}, {n_train / 1e6:.0f}M trained, {flops / 1e12:.2f} TFLOP/step")
+    row("gpu D2VLM SFT step time (ms)", 1e3 * t_model, "ms")
+    row("gpu D2VLM SFT step tokens/s", n / t_model, "tok/s")
+    mfu = 100 * flops / t_model / 989e12
+    row("gpu D2VLM SFT MFU (% of 989 TFLOP/s)", mfu, "%", ">= 45", mfu >= 45)
+    row("gpu D2VLM SFT peak memory (GB)", peak, "GB", "<= 40", peak <= 40)
+
+    with torch.device(dev):  # the Phi-3 part: same weights in transformers, LoRA only on both sides
+        hf = hf_phi3(cfg).to(torch.bfloat16)
+    hf.load_state_dict({k: v for k, v in model.llm.state_dict().items() if "lora_" not in k})
+    theirs, ours, opt_theirs, opt_ours = lora_pair(hf, model.llm, cfg)
+    if dev == "cuda":
+        ours.compile(), theirs.compile()
+    x, mask = torch.randn(1, n, cfg.n_embd, device=dev, dtype=torch.bfloat16), build_mask(valid, frm)
+    pos = torch.arange(n, device=dev)[None]
     loss_ours = lambda: L_sft(ours(x, pos, mask)[0], ids)
     loss_theirs = lambda: theirs(inputs_embeds=x, attention_mask=mask, labels=ids).loss
-    fns = [step_fn(opt_ours, loss_ours), step_fn(opt_theirs, loss_theirs), step_fn(opt_model, loss_model)]
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_ours, t_hf, t_model = side_by_side(fns, args.steps, warmup=3, sync=sync)
-    flops, N, N_lora = step_flops(ours, n)
-    print(f"gpu: {torch.cuda.get_device_name() if dev == 'cuda' else dev}, {T} frames + {L} tokens, bf16, "
-          f"LoRA r={cfg.lora_r}, N={N / 1e9:.3f}B frozen, N_lora={N_lora / 1e6:.1f}M, {flops / 1e12:.2f} TFLOP/step")
-    row("gpu Phi-3 step time, ours (ms)", 1e3 * t_ours, "ms")
-    row("gpu Phi-3 step tokens/s, ours", n / t_ours, "tok/s")
-    row("gpu Phi-3 MFU, ours (% of 989 TFLOP/s)", 100 * flops / t_ours / 989e12, "%")
-    row("gpu Phi-3 step time, transformers + peft (ms)", 1e3 * t_hf, "ms")
-    row("gpu Phi-3 speed-up, ours / transformers + peft", t_hf / t_ours, "x")
-    row("gpu D2VLM SFT step time, ours (ms)", 1e3 * t_model, "ms")
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    row("gpu peak memory, all three models (GiB)", peak, "GiB")
+    t_ours, t_hf = side_by_side([step_fn(opt_ours, loss_ours), step_fn(opt_theirs, loss_theirs)], args.steps,
+                                warmup=3, sync=sync)
+    row("gpu Phi-3 LoRA step time, ours (ms)", 1e3 * t_ours, "ms")
+    row("gpu Phi-3 LoRA step time, transformers + peft (ms)", 1e3 * t_hf, "ms")
+    row("gpu Phi-3 LoRA speed-up, ours / transformers + peft", t_hf / t_ours, "x")
 
 
 def main(argv=None):

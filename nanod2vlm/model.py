@@ -185,6 +185,11 @@ def add_lora(model, cfg):
     return model
 
 
+# What trains beside the LoRA matrices when a pretrained LLM is adapted (train.py, bench.py): the <evi> heads, the
+# frame compressor, and the embedding and output layers (the new <evi>, </evi> rows start untrained).
+LORA_EXTRA = ("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head")
+
+
 def mark_trainable(model, extra=()):
     """Freeze everything except LoRA matrices and parameters whose name contains one of `extra`."""
     for name, p in model.named_parameters():

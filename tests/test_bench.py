@@ -1,16 +1,13 @@
-"""The benchmark runs end to end (smoke test at toy sizes: no timing is asserted), and its MFU formula agrees with
-PyTorch's own FLOP counter."""
+"""The benchmark runs end to end (smoke test at toy sizes: no timing is asserted), and its FLOP count means what the
+MFU figure needs."""
 import argparse
 import json
 import math
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from nanod2vlm import bench
-from nanod2vlm.loss import L_sft
-from nanod2vlm.model import Config, Phi3, add_lora, build_mask, mark_trainable
 
 NAMES = ["generate: same greedy ids", "generate tokens/s, ours", "generate tokens/s, transformers",
          "generate speed-up", "train: |loss ours - loss transformers|", "train step tokens/s, ours",
@@ -43,24 +40,17 @@ def test_gpu_part_without_cuda_exits_with_a_message(monkeypatch):
 def test_gpu_step_code_runs_on_cpu():
     bench.ROWS.clear()
     bench.bench_gpu(argparse.Namespace(tiny=True, steps=1), dev="cpu")
-    assert [r[0].split(",")[0] for r in bench.ROWS][:3] == ["gpu Phi-3 step time", "gpu Phi-3 step tokens/s",
-                                                            "gpu Phi-3 MFU"]
-    assert all(math.isfinite(r[1]) for r in bench.ROWS)
+    assert [r[0].split(" (")[0] for r in bench.ROWS] == [
+        "gpu D2VLM SFT step time", "gpu D2VLM SFT step tokens/s", "gpu D2VLM SFT MFU", "gpu D2VLM SFT peak memory",
+        "gpu Phi-3 LoRA step time, ours", "gpu Phi-3 LoRA step time, transformers + peft",
+        "gpu Phi-3 LoRA speed-up, ours / transformers + peft"]
+    assert all(math.isfinite(r[1]) for r in bench.ROWS) and bench.ROWS[2][1] > 0  # MFU: FLOPs were counted
 
 
-def test_step_flops_matches_flop_counter():
-    """FlopCounterMode sees the matmuls (not the CPU attention kernel). Their count is the formula minus the
-    attention term, minus what autograd skips in layer 0: its qkv input gradient (2 n 3C^2 + 2 n r C), since the
-    input embeddings need no gradient. Both differences are exact, so the match is too."""
-    cfg = Config(vocab_size=100, n_embd=64, n_layer=3, n_head=4, n_mlp=96, lora_r=4, lora_alpha=8.0)
-    model = add_lora(Phi3(cfg), cfg)
-    mark_trainable(model)
-    n, C = 20, cfg.n_embd
-    with FlopCounterMode(display=False) as counter:
-        logits = model(torch.randn(1, n, C), torch.arange(n)[None], build_mask(torch.ones(1, n, dtype=torch.bool)))[0]
-        L_sft(logits, torch.randint(0, 100, (1, n))).backward()
-    flops, N, N_lora = bench.step_flops(model, n)
-    assert N == cfg.n_layer * (4 * C * C + 3 * C * cfg.n_mlp) + C * cfg.vocab_size
-    assert N_lora == cfg.n_layer * cfg.lora_r * 6 * C
-    attention, skipped = 12 * cfg.n_layer * C * n * n, 2 * n * (3 * C * C + cfg.lora_r * C)
-    assert counter.get_total_flops() == flops - attention - skipped
+def test_count_flops_sees_forward_and_backward_matmuls():
+    """MFU's numerator: a frozen weight costs 2 FLOPs per token forward + 2 for the input gradient, a trained one
+    2 more for its weight gradient (the count the MFU figure relies on)."""
+    n, d = 10, 16
+    frozen, trained = torch.nn.Linear(d, d, bias=False).requires_grad_(False), torch.nn.Linear(d, d, bias=False)
+    x = torch.randn(n, d, requires_grad=True)
+    assert bench.count_flops(lambda: trained(frozen(x)).sum().backward()) == n * d * d * (4 + 6)
