@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nanod2vlm.data import AnnotationError, FrameCache, VideoError, normalize, read_annotations, read_video
 from nanod2vlm.metrics import SPAN, dense_caption_scores, grounding_recall, multi_span_f1, parse_spans
-from nanod2vlm.model import CheckpointError, Config, D2VLM, add_lora, eva_rename, load_safetensors_into
+from nanod2vlm.model import CheckpointError, Config, build_d2vlm, load_safetensors_into
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
@@ -34,13 +34,7 @@ def load_model(ckpt, dev="cpu"):
     t = state["train"]
     tok = Tokenizer.load(os.path.join(run, "tokenizer.model") if not t["hf_llm"] else t["hf_llm"])
     wp = WordPiece(os.path.join(run, "vocab.txt"))
-    model = D2VLM(cfg)
-    if t["hf_llm"]:
-        load_safetensors_into(model.llm, t["hf_llm"])
-    if t["eva"]:
-        load_safetensors_into(model.visual, t["eva"], rename=eva_rename(cfg))
-    if cfg.lora_r:
-        add_lora(model.llm, cfg)
+    model = build_d2vlm(cfg, t["hf_llm"], t["eva"])
     load_safetensors_into(model, os.path.join(ckpt, "model.safetensors"), missing_ok=("",) if cfg.lora_r else ())
     return model.to(dev).eval(), tok, wp, state
 

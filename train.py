@@ -18,8 +18,7 @@ from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
 from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
-from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, D2VLM, add_lora, eva_rename, load_safetensors_into,
-                             mark_trainable, save_safetensors)
+from nanod2vlm.model import CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, mark_trainable, save_safetensors
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from sample import evaluate, load_model, print_metrics
 
@@ -197,11 +196,6 @@ def vit_tag(model):
     return "vit" + h.hexdigest()[:12]
 
 
-def read_state(ckpt):
-    with open(os.path.join(ckpt, "state.json")) as f:
-        return json.load(f)
-
-
 def build_tokenizers(t):
     """nano: a sentencepiece model and a WordPiece vocab trained on the training texts (the world's grammar);
     full: Phi-3's tokenizer.model and bert-base-uncased's vocab.txt."""
@@ -285,20 +279,14 @@ def main(argv):
         resume_from = os.path.join(t.out, open(latest).read().strip())
     init = resume_from or t.init
     if init:  # the checkpoint brings its own config, tokenizers and weights
-        model, tok, wp, _ = load_model(init)
+        model, tok, wp, state = load_model(init)
         cfg = model.cfg
     else:
         tok, wp = build_tokenizers(t)
         cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.vocab_size) if t.hf_llm else tok.vocab_size,
                       qf_vocab=len(wp.vocab), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,
                       end_id=tok.end_id)
-        model = D2VLM(cfg)
-        if t.hf_llm:
-            load_safetensors_into(model.llm, t.hf_llm)
-        if t.eva:
-            load_safetensors_into(model.visual, t.eva, rename=eva_rename(cfg))
-        if cfg.lora_r:
-            add_lora(model.llm, cfg)
+        model = build_d2vlm(cfg, t.hf_llm, t.eva)
     if cfg.lora_r:
         mark_trainable(model, extra=LORA_EXTRA)
     if rank == 0:
@@ -322,7 +310,7 @@ def main(argv):
     model.to(dev)
     ref = None
     if t.stage == "fpo" and t.ref:  # a frozen copy of the starting model (DPO-style); Eq. (4) as written has none
-        ref = load_model(init)[0].to(dev).requires_grad_(False).eval()
+        ref = load_model(t.init)[0].to(dev).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -332,7 +320,6 @@ def main(argv):
         g["base_lr"] = g["lr"]
     step, history = 0, []
     if resume_from:
-        state = read_state(resume_from)
         step, history = state["step"], state["history"]
         load_optimizer(opt, os.path.join(resume_from, "optim.safetensors"))
         say(f"resumed {resume_from} at step {step}")

@@ -673,6 +673,19 @@ def etchat_rename(key):
     return "llm." + key  # model.embed_tokens / model.layers.N / model.norm / lm_head: HF Phi-3 names
 
 
+def build_d2vlm(cfg, hf_llm="", eva=""):
+    """D2VLM(cfg) with pretrained weights where paths are given (an HF Phi-3 folder, EVA-CLIP ViT-G safetensors),
+    then LoRA on the decoder if cfg asks for it (train.py builds a model this way, sample.py rebuilds it)."""
+    model = D2VLM(cfg)
+    if hf_llm:
+        load_safetensors_into(model.llm, hf_llm)
+    if eva:
+        load_safetensors_into(model.visual, eva, rename=eva_rename(cfg))
+    if cfg.lora_r:
+        add_lora(model.llm, cfg)
+    return model
+
+
 def _load_tensors(targets, path, rename=None, missing_ok=()):
     files = _checkpoint_files(path)
     plan, seen, unexpected, shapes = {}, set(), [], []  # plan: file -> [(file key, module key)]

@@ -32,8 +32,13 @@ def run(tmp, out, *args):
     return history(tmp / out)
 
 
+def read_state(ckpt):
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)
+
+
 def history(out):
-    return train.read_state(os.path.join(out, open(os.path.join(out, "latest")).read()))["history"]
+    return read_state(os.path.join(out, open(os.path.join(out, "latest")).read()))["history"]
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +155,19 @@ def test_fpo_from_the_sft_run_lowers_its_loss(tmp, sft, form):
     assert margins[-1] > margins[0] + 1.0, margins
     if form == "default":  # the reference is the starting model: at step 1 every pair's margin cancels
         assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
-    state = train.read_state(tmp / f"fpo-{form}" / "step-000004")
+    state = read_state(tmp / f"fpo-{form}" / "step-000004")
     assert state["config"]["n_embd"] == 32 and state["train"]["init"] == f"{tmp}/sft"  # the SFT run's model
     assert (state["train"]["ref"], state["train"]["fpo_scope"]) == ((True, "event") if form == "default" else (False, "all"))
+
+
+def test_fpo_resume_keeps_the_sft_model_as_reference(tmp, sft):
+    """A resumed FPO run compares against the --init (SFT) model, not against the checkpoint it resumes from."""
+    fpo = ["--stage=fpo", f"--init={tmp}/sft", "--steps=4", "--ckpt_every=2", "--lr=1e-2"]
+    whole = run(tmp, "fpo-whole", *fpo)
+    shutil.copytree(tmp / "fpo-whole", tmp / "fpo-killed")
+    shutil.rmtree(tmp / "fpo-killed" / "step-000004")
+    (tmp / "fpo-killed" / "latest").write_text("step-000002")
+    assert run(tmp, "fpo-killed", *fpo, "--resume") == whole
 
 
 def test_fpo_event_scope_keeps_only_the_perturbed_event():
