@@ -19,6 +19,8 @@ import random
 import re
 from collections import Counter
 
+from nanod2vlm.data import read_annotations
+
 LEXICON = {  # word classes of the synthetic world; a word swaps only for one of its class seen in the data
     "colour": "red green blue yellow purple orange black white",
     "shape": "square circle triangle cross diamond",
@@ -32,17 +34,6 @@ LLM_PROMPT = ("Rewrite this sentence with one key detail (a colour, shape, actio
               "Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
 
 
-def load(path):
-    """Annotation records from a JSON list or JSON lines file."""
-    text = open(path).read()
-    try:
-        if text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON list or JSON lines of annotation records ({e})") from None
-
-
 def gpt_value(rec, who="gpt"):
     return next(c["value"] for c in rec["conversations"] if c["from"] == who)
 
@@ -53,8 +44,7 @@ def parse(rec):
     if value.count("</evi>") != 1:
         return None
     stage1, stage2 = value.split("</evi>")
-    tg = [[list(map(float, iv)) for iv in ([v] if v and not isinstance(v[0], list) else v)]  # flat [s, e] = one
-          for v in (rec["time_gt"]["evidence_grounding"], rec["time_gt"]["interleaved_response"])]
+    tg = [[list(map(float, iv)) for iv in rec["time_gt"][k]] for k in ("evidence_grounding", "interleaved_response")]
     if not (stage1.count("<evi>") == stage2.count("<evi>") == len(tg[0]) >= 1) or tg[0] != tg[1]:
         return None
     # cut between two <evi> at the last sentence end, else just before the next <evi>; head/tail join the ends
@@ -192,13 +182,11 @@ def perturb(ev, dur, rng, vocab, llm=None):
 
 
 def synth(records, seed=0, llm=None):
-    """Records -> (preference pairs, Counter of factor/sub-factor and skipped counts)."""
+    """Annotation records (as read_annotations checks them) -> (preference pairs, Counter of factor/sub-factor and
+    skipped counts)."""
     rng, vocab, pairs, counts = random.Random(seed), build_vocab(records), [], Counter()
-    for i, rec in enumerate(records):
-        try:
-            ev = parse(rec)
-        except (KeyError, TypeError, StopIteration) as e:
-            raise ValueError(f"record {i} is not an annotation record (see SPEC §6): {e!r}") from None
+    for rec in records:
+        ev = parse(rec)
         out = ev and perturb(ev, rec["duration"], rng, vocab, llm)
         if not out:
             why = "stages, time_gt or order do not line up" if ev is None else "nothing applicable"
@@ -234,7 +222,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llm", default=None, help="an HF Phi-3 folder that distorts texts (default: rule-based swaps)")
     args = p.parse_args(argv)
-    pairs, counts = synth(load(args.inp), args.seed, llm_distorter(args.llm) if args.llm else None)
+    pairs, counts = synth(read_annotations(args.inp), args.seed, llm_distorter(args.llm) if args.llm else None)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(pairs, f, indent=1)

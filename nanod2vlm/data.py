@@ -102,8 +102,9 @@ class AnnotationError(ValueError):
 
 
 def read_annotations(path):
-    """Read a JSON list or JSON-lines annotation file -> list of records. Every record is checked; all
-    malformed records of the file are reported together in one AnnotationError (none silently dropped)."""
+    """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e]. Every
+    record is checked; all malformed records of the file are reported together in one AnnotationError (none
+    silently dropped)."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
@@ -127,11 +128,17 @@ def read_annotations(path):
                     except json.JSONDecodeError as e:
                         errors.append(f"{where}: not valid JSON: {e}")
     for where, r in records:
+        if isinstance(r, dict) and isinstance(r.get("time_gt"), dict):  # App. B also writes one interval flat: [s, e]
+            r["time_gt"] = {k: [v] if _is_number_pair(v) else v for k, v in r["time_gt"].items()}
         if problems := _check_record(r):
             errors.append(f"{where}: " + "; ".join(problems))
     if errors:
         raise AnnotationError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors))
     return [r for _, r in records]
+
+
+def _is_number_pair(x):
+    return isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) for v in x)
 
 
 def _check_record(r):
@@ -155,9 +162,7 @@ def _check_record(r):
     stage1, _, stage2 = turns["gpt"].partition("</evi>")
     for key, text, where in (("evidence_grounding", stage1, "before"), ("interleaved_response", stage2, "after")):
         spans = gt.get(key, []) if isinstance(gt, dict) else None
-        ok = isinstance(spans, list) and all(
-            isinstance(s, list) and len(s) == 2 and all(isinstance(x, (int, float)) for x in s)
-            and 0 <= s[0] <= s[1] for s in spans)
+        ok = isinstance(spans, list) and all(_is_number_pair(s) and 0 <= s[0] <= s[1] for s in spans)
         if not ok:
             problems.append(f"time_gt.{key} must be a list of [s, e] with 0 <= s <= e, got {spans!r}")
         elif len(spans) != text.count("<evi>"):

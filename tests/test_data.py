@@ -47,6 +47,21 @@ def test_all_malformed_records_reported_json_lines(tmp_path):
     assert "record 3 (line 5): 'conversations' needs a human turn" in msg and "; 'conversations' needs a gpt" in msg
 
 
+def test_a_single_interval_may_be_written_flat(tmp_path):
+    """Appendix B's third example writes one event as "evidence_grounding": [8.823, 11.311]: read as [[s, e]]."""
+    flat = record(answer="<evi> </evi> Picked them up. The relevant event happens in <evi>.")
+    flat["time_gt"] = {"evidence_grounding": [8.823, 11.311], "interleaved_response": [8.823, 11.311]}
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps([flat, record()]))
+    got = read_annotations(p)
+    assert got[0]["time_gt"] == {"evidence_grounding": [[8.823, 11.311]], "interleaved_response": [[8.823, 11.311]]}
+    assert got[1]["time_gt"] == record()["time_gt"]  # lists of intervals stay as they are
+    flat["time_gt"]["interleaved_response"] = [11.3, 8.8]  # a flat pair is still checked like any interval
+    p.write_text(json.dumps([flat]))
+    with pytest.raises(AnnotationError, match="interleaved_response must be a list of"):
+        read_annotations(p)
+
+
 def test_frame_targets_against_loop():
     times = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     assert frame_targets(times, (1.5, 3.0)).tolist() == [0, 0, 1, 1, 0, 0]

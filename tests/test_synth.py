@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from synth import TOKEN, apply, build_vocab, candidates, distort, load, main, parse, render, synth, word_class
+from synth import TOKEN, apply, build_vocab, candidates, distort, main, parse, render, synth, word_class
 
 
 def record(task, dur, ivs, answer, question="<image>\nWhen?"):
@@ -20,7 +20,7 @@ RECORDS = [
     record("dense", 40.0, [[0.0, 6.0], [6.0, 15.0], [18.0, 29.0]],
            "<evi> <evi> <evi> </evi> <evi>, a red square appears. <evi>, a green triangle flashes. "
            "<evi>, a blue circle spins."),
-    record("qa", 20.0, [5.0, 12.0], "<evi> </evi> 3 times. The yellow diamond flashes in <evi>."),  # flat time_gt
+    record("qa", 20.0, [[5.0, 12.0]], "<evi> </evi> 3 times. The yellow diamond flashes in <evi>."),
     record("qa", 20.0, [[1.0, 4.0]], "<evi> </evi> 2 times. The purple cross spins in <evi>."),
 ]
 VOCAB = build_vocab(RECORDS)
@@ -119,7 +119,8 @@ def test_synth_pairs_are_consistent():
 def test_cli_is_deterministic_and_reads_json_lines(tmp_path, capsys):
     src = tmp_path / "train.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in RECORDS + [RECORDS[1] | {"duration": 35.0}]))
-    bad = record("bad", 30.0, [[1.0, 2.0]], "<evi> <evi> </evi> Twice: <evi>.")
+    bad = record("bad", 30.0, [[1.0, 2.0]], "<evi> </evi> Twice: <evi>.")  # well formed, but the two stages
+    bad["time_gt"]["interleaved_response"] = [[3.0, 4.0]]                   # ground different events
     (tmp_path / "train.json").write_text(json.dumps(RECORDS + [bad]))
     main([str(src), str(tmp_path / "a.json"), "--seed", "3"])
     main([str(src), str(tmp_path / "b.json"), "--seed", "3"])
@@ -132,10 +133,11 @@ def test_cli_is_deterministic_and_reads_json_lines(tmp_path, capsys):
     assert any(line.startswith(("temporal/", "textual/")) for line in out.splitlines())
 
 
-def test_load_rejects_bad_json(tmp_path):
+def test_a_bad_annotation_file_stops_with_its_name(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(ValueError, match="x.json"):
-        load(tmp_path / "x.json")
+        main([str(tmp_path / "x.json"), str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_an_llm_distortion_is_kept_only_with_exactly_one_evi():
