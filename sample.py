@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nanod2vlm.data import AnnotationError, FrameCache, VideoError, normalize, read_annotations, read_video
 from nanod2vlm.metrics import SPAN, dense_caption_scores, grounding_recall, multi_span_f1, parse_spans
-from nanod2vlm.model import CheckpointError, Config, build_d2vlm, load_safetensors_into
+from nanod2vlm.model import LORA_EXTRA, CheckpointError, Config, build_d2vlm, load_adapter, load_safetensors_into
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
@@ -35,7 +35,11 @@ def load_model(ckpt, dev="cpu"):
     tok = Tokenizer.load(os.path.join(run, "tokenizer.model") if not t["hf_llm"] else t["hf_llm"])
     wp = WordPiece(os.path.join(run, "vocab.txt"))
     model = build_d2vlm(cfg, t["hf_llm"], t["eva"])
-    load_safetensors_into(model, os.path.join(ckpt, "model.safetensors"), missing_ok=("",) if cfg.lora_r else ())
+    weights = os.path.join(ckpt, "model.safetensors")
+    if cfg.lora_r:  # a LoRA run stores only its adapter
+        load_adapter(model, weights, LORA_EXTRA)
+    else:
+        load_safetensors_into(model, weights)
     return model.to(dev).eval(), tok, wp, state
 
 

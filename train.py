@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
 from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
-from nanod2vlm.model import CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, mark_trainable, save_safetensors
+from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, mark_trainable, save_adapter,
+                             save_safetensors)
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from sample import evaluate, load_model, print_metrics
 
@@ -158,7 +159,10 @@ def save_checkpoint(out, step, model, opt, t, history):
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_safetensors(trainable_state(model), os.path.join(tmp, "model.safetensors"))
+    if model.cfg.lora_r:  # only what trained: the base weights come from --hf_llm / --eva
+        save_adapter(model, os.path.join(tmp, "model.safetensors"), LORA_EXTRA)
+    else:
+        save_safetensors(model, os.path.join(tmp, "model.safetensors"))
     opt_state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
     save_safetensors(opt_state, os.path.join(tmp, "optim.safetensors"))
     state = dict(step=step, train=asdict(t), config=asdict(model.cfg), history=history)
@@ -171,14 +175,6 @@ def save_checkpoint(out, step, model, opt, t, history):
     os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
     for old in sorted(d for d in os.listdir(out) if d.startswith("step-") and d != os.path.basename(final))[:-1]:
         shutil.rmtree(os.path.join(out, old), ignore_errors=True)  # keep the last two
-
-
-def trainable_state(model):
-    """Everything for a model trained from scratch; LoRA, heads and embeddings when a base checkpoint exists."""
-    if model.cfg.lora_r == 0:
-        return model.state_dict()
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def vit_features(model, frames, dev):

@@ -190,22 +190,25 @@ def add_lora(model, cfg):
 LORA_EXTRA = ("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head")
 
 
+def is_adapter(name, extra=()):
+    """A LoRA matrix, or a parameter whose name contains one of `extra`: what trains, and what an adapter file holds."""
+    return name.endswith(("lora_A", "lora_B")) or any(e in name for e in extra)
+
+
 def mark_trainable(model, extra=()):
-    """Freeze everything except LoRA matrices and parameters whose name contains one of `extra`."""
+    """Freeze everything but the adapter (is_adapter)."""
     for name, p in model.named_parameters():
-        p.requires_grad = name.endswith(("lora_A", "lora_B")) or any(e in name for e in extra)
+        p.requires_grad = is_adapter(name, extra)
 
 
 def save_adapter(model, path, extra=()):
-    """Save only the LoRA matrices (and parameters named by `extra`, e.g. the <evi> heads)."""
-    keep = lambda k: k.endswith(("lora_A", "lora_B")) or any(e in k for e in extra)
-    save_safetensors({k: v for k, v in model.state_dict().items() if keep(k)}, path)
+    """Save only the adapter: the LoRA matrices and the parameters named by `extra` (e.g. LORA_EXTRA)."""
+    save_safetensors({k: v for k, v in model.state_dict().items() if is_adapter(k, extra)}, path)
 
 
 def load_adapter(model, path, extra=()):
-    """Load what save_adapter wrote; every LoRA (and `extra`) tensor must be in the file, with its shape."""
-    keep = lambda k: k.endswith(("lora_A", "lora_B")) or any(e in k for e in extra)
-    _load_tensors({k: v for k, v in model.state_dict().items() if keep(k)}, path)
+    """Load what save_adapter wrote; every adapter tensor must be in the file, with its shape."""
+    _load_tensors({k: v for k, v in model.state_dict().items() if is_adapter(k, extra)}, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -76,15 +76,6 @@ def ensure_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), pr
     return _paths(out_dir) if done else render_world(out_dir, n_train, n_test, seed, durations, progress)
 
 
-def world_texts(out_dir):
-    """Every question and answer text of the world (train and test), e.g. to fit the nano tokenizer."""
-    texts = []
-    for split in ("train", "test"):
-        with open(os.path.join(out_dir, f"{split}.json")) as f:
-            texts += [turn["value"] for rec in json.load(f) for turn in rec["conversations"]]
-    return texts
-
-
 def _settings(n_train, n_test, seed, durations):
     return {"version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "durations": list(durations)}
 
