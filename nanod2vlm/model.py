@@ -185,8 +185,8 @@ def add_lora(model, cfg):
     return model
 
 
-# What trains beside the LoRA matrices when a pretrained LLM is adapted (train.py, bench.py): the <evi> heads, the
-# frame compressor, and the embedding and output layers (the new <evi>, </evi> rows start untrained).
+# What trains beside the LoRA matrices when a pretrained LLM is adapted (train.py, sample.py, bench.py): the <evi>
+# heads, the frame compressor, and the embedding and output layers (the new <evi>, </evi> rows start untrained).
 LORA_EXTRA = ("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head")
 
 
