@@ -55,7 +55,8 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=96, temperatu
     ids = tok.encode(tok.chat("<image>\n" + question))
     i = ids.index(tok.image_id)
     ids = ids[:i] + [tok.image_id] * len(frames) + ids[i + 1:]  # one placeholder per frame
-    out, evis = model.generate(normalize(frames), times, wp.encode(question), ids, max_new_tokens, temperature)
+    pixels = normalize(frames).to(next(model.parameters()).device)  # train.py evaluates on its training device
+    out, evis = model.generate(pixels, times, wp.encode(question), ids, max_new_tokens, temperature)
     raw = tok.decode(out)
     # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
     cuts = [j for j, i in enumerate(out) if i == tok.evi_id] + [len(out)]
@@ -170,6 +171,7 @@ def main(argv):
     ap.add_argument("--plot", help="write the grounding picture to this PNG")
     ap.add_argument("--gt", help="ground-truth spans for the plot, e.g. '6.3-12.1,21-24.4'")
     ap.add_argument("--eval", metavar="ANNOTATIONS", help="score every record of an annotation file")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     try:
         if a.eval is None and (not a.video or not a.question or not a.question.strip()):
@@ -177,14 +179,14 @@ def main(argv):
         if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
             cache = FrameCache()
             for i, ckpt in enumerate(a.ckpt.split(",")):
-                model, tok, wp, _ = load_model(ckpt)
+                model, tok, wp, _ = load_model(ckpt, a.device)
                 out = os.path.splitext(a.eval)[0] + (f".{i}" if "," in a.ckpt else "") + ".predictions.json"
                 m = evaluate(model, tok, wp, a.eval, cache, out, a.max_new_tokens)
                 print(f"== {ckpt}")
                 print_metrics(m)
                 print(f"predictions and metrics: {out}")
             return
-        model, tok, wp, _ = load_model(a.ckpt)
+        model, tok, wp, _ = load_model(a.ckpt, a.device)
         cfg = model.cfg
         frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
         r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
