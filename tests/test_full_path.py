@@ -3,6 +3,7 @@ an HF Phi3ForCausalLM folder with a sentencepiece tokenizer.model, a timm EVA (V
 vocab.txt. Loading is exact, only LoRA and the named extras train, the checkpoint holds only those, and sample.py
 rebuilds the same model from the recorded base paths. Also: the official E.T. Chat / D²VLM key map."""
 import json
+import math
 
 import pytest
 import sentencepiece as spm
@@ -135,6 +136,23 @@ def test_sample_rebuilds_the_trained_model_and_answers(tiny_world, run):
     assert isinstance(r["text"], str) and r["frames"] == len(frames) >= 10
     for e in r["evis"]:
         assert len(e["sim"]) == len(frames) and 0 <= e["span"][0] <= e["span"][1] < len(frames)
+
+
+def test_fpo_on_the_lora_run_uses_its_adapter_as_reference(tiny_world, run):
+    """FPO from the LoRA SFT run: the reference is the SFT adapter over the shared base (no second model), so the
+    first step's loss is exactly log 2 (every margin cancels), and the adapter then moves away from it."""
+    out, _ = run
+    fpo = tiny_world / "run-fpo"
+    train.main([f"--data={tiny_world}/world", f"--out={fpo}", "--stage=fpo", f"--init={out}", "--steps=2",
+                "--batch_size=2", "--lr=1e-2", "--lora_lr=1e-2", "--eval_json=none"])
+    step = fpo / open(fpo / "latest").read().strip()
+    hist = json.load(open(step / "state.json"))["history"]
+    assert hist[0]["fpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(hist[1]["fpo"] - math.log(2)) > 1e-5  # a reference that followed the model would stay at log 2
+    sft, after = (load_file(d / "model.safetensors") for d in (out / open(out / "latest").read().strip(), step))
+    assert set(after) == set(sft)  # an adapter again, the same tensors
+    assert not torch.equal(after["llm.model.layers.0.self_attn.qkv_proj.lora_B"],
+                           sft["llm.model.layers.0.self_attn.qkv_proj.lora_B"])
 
 
 # ---------------------------------------------------------------------------------------------------------
