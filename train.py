@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
 from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
-from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, mark_trainable, save_adapter,
-                             save_safetensors)
+from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, cast_frozen, mark_trainable,
+                             save_adapter, save_safetensors)
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from sample import evaluate, load_model, print_metrics
 
@@ -136,6 +136,17 @@ def sft_loss(model, b, t):
 def fpo_logp(model, b):
     logits, sim, _ = model(b)
     return log_pi(logits, b["labels"], sim, b["evi_y"], b["frm_valid"][b["evi_b"]], b["evi_b"], b["ids"].shape[0])
+
+
+def reference(model, weights):
+    """FPO's frozen reference: `model` run with `weights` (its trained parameters at --init) in place of its own,
+    without dropout; the frozen parameters are shared."""
+    def forward(b):
+        model.eval()
+        out = torch.func.functional_call(model, weights, (b,))
+        model.train()
+        return out
+    return forward
 
 
 def fpo_step_loss(model, ref, b, t):
@@ -304,17 +315,14 @@ def main(argv):
                 dist.barrier()
         ds = PairDataset(train_json, tok, wp.encode, cache, t.fpo_scope, **video)
     model.to(dev)
+    if dev != "cpu":  # frozen weights in bf16; everything runs under bf16 autocast there
+        cast_frozen(model, torch.bfloat16)
     ref = None
     if t.stage == "fpo" and t.ref:  # DPO's frozen reference, the --init model (Eq. (4) as written has none): only its
         # trained weights are kept; the frozen rest (at full scale Phi-3 and the ViT) is shared, not a second copy
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        w_ref = {n: p.detach().to(dev) for n, p in load_model(t.init)[0].named_parameters() if n in trained}
-
-        def ref(b):  # the model with the reference weights, without dropout
-            model.eval()
-            out = torch.func.functional_call(model, w_ref, (b,))
-            model.train()
-            return out
+        ref = reference(model, {n: p.detach().to(dev) for n, p in load_model(t.init)[0].named_parameters()
+                                if n in trained})
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -379,7 +387,8 @@ def main(argv):
         say(f"checkpoint: {t.out}/{open(os.path.join(t.out, 'latest')).read().strip()} | loss curve: {t.out}/loss.png")
         eval_json = t.eval_json or os.path.join(t.data, "test.json")
         if eval_json != "none":
-            metrics = evaluate(model.eval(), tok, wp, eval_json, cache, os.path.join(t.out, "predictions.json"))
+            with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
+                metrics = evaluate(model.eval(), tok, wp, eval_json, cache, os.path.join(t.out, "predictions.json"))
             print_metrics(metrics)
             with open(os.path.join(t.out, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)

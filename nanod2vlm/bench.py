@@ -25,8 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanod2vlm.data import read_video
 from nanod2vlm.loss import L_gnd, L_sft
-from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, Block, Config, KVCache, Phi3, add_lora, build_mask, head, \
-    mark_trainable, rope_cos_sin, span_of
+from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, Block, Config, KVCache, Phi3, add_lora, build_mask, cast_frozen, \
+    head, mark_trainable, rope_cos_sin, span_of
 
 ROWS = []  # (name, value, unit, target, PASS/FAIL or "")
 
@@ -194,10 +194,12 @@ def bench_gpu(args, dev="cuda"):
     cfg, T, L = (Config(lora_r=4, lora_alpha=8.0), 8, 24) if args.tiny else (CONFIGS["full"], 350, 2048)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    with torch.device(dev):
-        model = D2VLM(cfg).to(torch.bfloat16)
+    with torch.device(dev):  # as train.py: trained parameters fp32, frozen ones bf16, bf16 autocast
+        model = D2VLM(cfg)
     add_lora(model.llm, cfg)
     mark_trainable(model, extra=LORA_EXTRA)
+    cast_frozen(model, torch.bfloat16)
+    amp = lambda: torch.autocast(dev, torch.bfloat16)
     n, P = T + L, (cfg.img_size // cfg.patch) ** 2
     ids = torch.randint(10, cfg.vocab_size, (1, n), device=dev)
     ids[0, 8:8 + T] = cfg.image_id
@@ -211,8 +213,9 @@ def bench_gpu(args, dev="cuda"):
                  evi_pos=evi_pos, evi_span=torch.tensor([[T // 4, T // 2]] * E), evi_y=torch.rand(E, T))
 
     def loss_model():
-        logits, sim, _ = model(b)
-        return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], b["frm_valid"][b["evi_b"]])
+        with amp():
+            logits, sim, _ = model(b)
+            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], b["frm_valid"][b["evi_b"]])
     step_model = step_fn(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), loss_model)
     flops = count_flops(step_model)
     if dev == "cuda":
@@ -233,12 +236,19 @@ def bench_gpu(args, dev="cuda"):
         hf = hf_phi3(cfg).to(torch.bfloat16)
     hf.load_state_dict({k: v for k, v in model.llm.state_dict().items() if "lora_" not in k})
     theirs, ours, opt_theirs, opt_ours = lora_pair(hf, model.llm, cfg)
+    cast_frozen(ours, torch.bfloat16)  # now also the embeddings and lm_head, frozen as in peft
     if dev == "cuda":
         ours.compile(), theirs.compile()
     x, mask = torch.randn(1, n, cfg.n_embd, device=dev, dtype=torch.bfloat16), build_mask(valid, frm)
     pos = torch.arange(n, device=dev)[None]
-    loss_ours = lambda: L_sft(ours(x, pos, mask)[0], ids)
-    loss_theirs = lambda: theirs(inputs_embeds=x, attention_mask=mask, labels=ids).loss
+
+    def loss_ours():
+        with amp():
+            return L_sft(ours(x, pos, mask)[0], ids)
+
+    def loss_theirs():
+        with amp():
+            return theirs(inputs_embeds=x, attention_mask=mask, labels=ids).loss
     t_ours, t_hf = side_by_side([step_fn(opt_ours, loss_ours), step_fn(opt_theirs, loss_theirs)], args.steps,
                                 warmup=3, sync=sync)
     row("gpu Phi-3 LoRA step time, ours (ms)", 1e3 * t_ours, "ms")

@@ -201,6 +201,15 @@ def mark_trainable(model, extra=()):
         p.requires_grad = is_adapter(name, extra)
 
 
+def cast_frozen(model, dtype):
+    """Frozen parameters to dtype (on a GPU: bf16, the autocast dtype: half their memory, and no bf16 copy of each
+    frozen weight kept for the backward pass); trained ones stay fp32 for AdamW. Run it under autocast."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def save_adapter(model, path, extra=()):
     """Save only the adapter: the LoRA matrices and the parameters named by `extra` (e.g. LORA_EXTRA)."""
     save_safetensors({k: v for k, v in model.state_dict().items() if is_adapter(k, extra)}, path)

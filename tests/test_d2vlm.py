@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nanod2vlm.model import CONFIGS, D2VLM, span_of
+from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, add_lora, cast_frozen, mark_trainable, span_of
 
 CFG = replace(CONFIGS["nano"], vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_mlp=64, img_size=16, patch=8,
               vit_width=16, vit_layers=1, vit_heads=2, vit_mlp=32, qf_width=16, qf_layers=2, qf_heads=2, qf_mlp=32,
@@ -121,3 +121,30 @@ def test_forward_traces_with_one_graph_break():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(D2VLM(CFG))(batch())
     assert (explained.graph_count, explained.graph_break_count) == (2, 1)
+
+
+def test_frozen_weights_in_bf16_under_autocast():
+    """train.py on a GPU: frozen parameters bf16 (cast_frozen), trained ones fp32, bf16 autocast. Checked with the CPU's
+    autocast: the same outputs as fp32 to bf16 precision, gradients in fp32 on exactly the trained parameters, and
+    generation runs."""
+    torch.manual_seed(0)
+    cfg = replace(CFG, lora_r=4, lora_alpha=8.0)
+    model = D2VLM(cfg)
+    add_lora(model.llm, cfg)
+    mark_trainable(model, extra=LORA_EXTRA)
+    b = batch()
+    score = lambda logits, sim, f_evi: logits.float().logsumexp(-1).mean() + sim.float().square().mean()
+    want = score(*model(b)).item()
+    cast_frozen(model, torch.bfloat16)
+    assert model.llm.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert model.llm.model.layers[0].self_attn.qkv_proj.lora_A.dtype == torch.float32
+    with torch.autocast("cpu", torch.bfloat16):
+        got = score(*model(b))
+        got.backward()
+        out, evis = model.generate(torch.randn(6, 3, 16, 16), torch.arange(6.0), [2, 11, 3], [7, 3, 3, 3, 3, 3, 3, 8],
+                                   max_new_tokens=4)
+    assert got.item() == pytest.approx(want, rel=2e-2)
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+        assert p.grad is None or p.grad.dtype == torch.float32, name
+    assert len(out) >= 1 and all(len(e["sim"]) == 6 for e in evis)
