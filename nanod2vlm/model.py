@@ -606,8 +606,8 @@ class D2VLM(nn.Module):
         frm = ids == cfg.image_id
         if frm.sum() != T:
             raise ValueError(f"the prompt has {int(frm.sum())} frame placeholders for {T} frames")
-        embed = self.llm.model.embed_tokens
-        x, at = self.embed(ids, F_V[None].to(embed.weight.dtype))
+        E = self.llm.model.embed_tokens.weight  # (vocab, C)
+        x, at = self.embed(ids, F_V[None].to(E.dtype))
         L = ids.shape[1]
         cache = self.llm.new_cache(1, L + max_new_tokens, x.dtype, dev)
         logits, h = self.llm(x, torch.arange(L, device=dev)[None], build_mask(torch.ones_like(frm), frm),
@@ -623,7 +623,7 @@ class D2VLM(nn.Module):
             out.append(nxt)
             if nxt == cfg.end_id:
                 break
-            e = embed.weight[nxt]
+            e = E[nxt]
             if nxt == cfg.evi_id:
                 sim = (f_frm @ self.evi_head(h[0, -1])).float() / math.sqrt(cfg.n_embd)
                 if cfg.evi_unit == "event":
