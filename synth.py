@@ -44,7 +44,8 @@ def parse(rec):
     if value.count("</evi>") != 1:
         return None
     stage1, stage2 = value.split("</evi>")
-    tg = [[list(map(float, iv)) for iv in rec["time_gt"][k]] for k in ("evidence_grounding", "interleaved_response")]
+    gt = rec.get("time_gt", {})
+    tg = [[list(map(float, iv)) for iv in gt.get(k, [])] for k in ("evidence_grounding", "interleaved_response")]
     if not (stage1.count("<evi>") == stage2.count("<evi>") == len(tg[0]) >= 1) or tg[0] != tg[1]:
         return None
     # cut between two <evi> at the last sentence end, else just before the next <evi>; head/tail join the ends

@@ -315,11 +315,11 @@ def main(argv):
                 dist.barrier()
         ds = PairDataset(train_json, tok, wp.encode, cache, t.fpo_scope, **video)
     model.to(dev)
-    if dev != "cpu":  # frozen weights in bf16; everything runs under bf16 autocast there
-        cast_frozen(model, torch.bfloat16)
+    if dev != "cpu":  # Phi-3's frozen weights in bf16 (the ViT keeps fp32); everything runs under bf16 autocast there
+        cast_frozen(model.llm, torch.bfloat16)
     ref = None
     if t.stage == "fpo" and t.ref:  # DPO's frozen reference, the --init model (Eq. (4) as written has none): only its
-        # trained weights are kept; the frozen rest (at full scale Phi-3 and the ViT) is shared, not a second copy
+        # trained weights are kept on the device; the frozen rest (Phi-3, the ViT) is shared, not a second copy
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         ref = reference(model, {n: p.detach().to(dev) for n, p in load_model(t.init)[0].named_parameters()
                                 if n in trained})

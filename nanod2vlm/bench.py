@@ -194,11 +194,11 @@ def bench_gpu(args, dev="cuda"):
     cfg, T, L = (Config(lora_r=4, lora_alpha=8.0), 8, 24) if args.tiny else (CONFIGS["full"], 350, 2048)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    with torch.device(dev):  # as train.py: trained parameters fp32, frozen ones bf16, bf16 autocast
+    with torch.device(dev):  # as train.py: trained parameters fp32, Phi-3's frozen ones bf16, bf16 autocast
         model = D2VLM(cfg)
     add_lora(model.llm, cfg)
     mark_trainable(model, extra=LORA_EXTRA)
-    cast_frozen(model, torch.bfloat16)
+    cast_frozen(model.llm, torch.bfloat16)
     amp = lambda: torch.autocast(dev, torch.bfloat16)
     n, P = T + L, (cfg.img_size // cfg.patch) ** 2
     ids = torch.randint(10, cfg.vocab_size, (1, n), device=dev)

@@ -158,6 +158,8 @@ def _check_record(r):
     if not isinstance(turns.get("gpt"), str):
         problems.append("'conversations' needs a gpt turn with a string value")
         return problems
+    if "<image>" in turns["gpt"]:
+        problems.append("the gpt value contains <image> (a frame placeholder; only the human turn may have it)")
     gt = r.get("time_gt", {})
     stage1, _, stage2 = turns["gpt"].partition("</evi>")
     for key, text, where in (("evidence_grounding", stage1, "before"), ("interleaved_response", stage2, "after")):

@@ -124,7 +124,7 @@ def test_forward_traces_with_one_graph_break():
 
 
 def test_frozen_weights_in_bf16_under_autocast():
-    """train.py on a GPU: frozen parameters bf16 (cast_frozen), trained ones fp32, bf16 autocast. Checked with the CPU's
+    """train.py on a GPU: Phi-3's frozen parameters bf16 (cast_frozen), trained ones fp32, bf16 autocast. Checked with the CPU's
     autocast: the same outputs as fp32 to bf16 precision, gradients in fp32 on exactly the trained parameters, and
     generation runs."""
     torch.manual_seed(0)
@@ -135,9 +135,10 @@ def test_frozen_weights_in_bf16_under_autocast():
     b = batch()
     score = lambda logits, sim, f_evi: logits.float().logsumexp(-1).mean() + sim.float().square().mean()
     want = score(*model(b)).item()
-    cast_frozen(model, torch.bfloat16)
+    cast_frozen(model.llm, torch.bfloat16)
     assert model.llm.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert model.llm.model.layers[0].self_attn.qkv_proj.lora_A.dtype == torch.float32
+    assert model.visual.pos_embed.dtype == torch.float32  # the ViT's residual stream stays fp32
     with torch.autocast("cpu", torch.bfloat16):
         got = score(*model(b))
         got.backward()

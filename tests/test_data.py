@@ -47,6 +47,13 @@ def test_all_malformed_records_reported_json_lines(tmp_path):
     assert "record 3 (line 5): 'conversations' needs a human turn" in msg and "; 'conversations' needs a gpt" in msg
 
 
+def test_a_frame_placeholder_in_the_answer_is_rejected(tmp_path):
+    p = tmp_path / "ann.json"  # it would be embedded as a frame (D2VLM.embed) and attend both ways with the frames
+    p.write_text(json.dumps([record(answer="<evi> <evi> </evi> <image> in <evi> and <evi>.")]))
+    with pytest.raises(AnnotationError, match="record 0: the gpt value contains <image>"):
+        read_annotations(p)
+
+
 def test_a_single_interval_may_be_written_flat(tmp_path):
     """Appendix B's third example writes one event as "evidence_grounding": [8.823, 11.311]: read as [[s, e]]."""
     flat = record(answer="<evi> </evi> Picked them up. The relevant event happens in <evi>.")

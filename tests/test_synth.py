@@ -45,6 +45,9 @@ def test_parse_render_round_trip_and_chunks():
                                         "<evi>, a blue circle spins."]
     assert texts(parse(RECORDS[1])) == ["The blue circle spins in <evi>,", "<evi>, and", "<evi>."]
     assert parse(record("bad", 30.0, [[1.0, 2.0]], "<evi> <evi> </evi> Twice: <evi>.")) is None
+    no_gt = record("plain", 30.0, [], "</evi> Nothing to ground.")
+    del no_gt["time_gt"]  # read_annotations accepts a record without time_gt and without <evi>; synth skips it
+    assert parse(no_gt) is None
 
 
 def test_each_perturbation_changes_only_what_it_says():
