@@ -188,10 +188,15 @@ def save_checkpoint(out, step, model, opt, t, history):
         shutil.rmtree(os.path.join(out, old), ignore_errors=True)  # keep the last two
 
 
+def amp(dev):
+    """bf16 autocast on a GPU (where cast_frozen holds Phi-3's frozen weights in bf16); fp32 on the CPU."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu")
+
+
 def vit_features(model, frames, dev):
     """Normalised frames (T, 3, S, S) -> frozen ViT patch features (T, P, W) on the CPU (bf16 under CUDA); the
     cache calls it under no_grad."""
-    with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
+    with amp(dev):
         return model.visual(frames.to(dev)).cpu()
 
 
@@ -356,7 +361,7 @@ def main(argv):
             if t.stage == "fpo":  # chosen responses first, then the rejected ones
                 items = [w for w, _ in items] + [l for _, l in items]
             b = to(collate(items, tok.pad_id), dev)
-            with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
+            with amp(dev):
                 loss, parts = sft_loss(fwd, b, t) if t.stage == "sft" else fpo_step_loss(fwd, ref, b, t)
             (loss / t.grad_accum).backward()
             ntok += int(b["valid"].sum()) * world
@@ -387,7 +392,7 @@ def main(argv):
         say(f"checkpoint: {t.out}/{open(os.path.join(t.out, 'latest')).read().strip()} | loss curve: {t.out}/loss.png")
         eval_json = t.eval_json or os.path.join(t.data, "test.json")
         if eval_json != "none":
-            with torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu"):
+            with amp(dev):
                 metrics = evaluate(model.eval(), tok, wp, eval_json, cache, os.path.join(t.out, "predictions.json"))
             print_metrics(metrics)
             with open(os.path.join(t.out, "metrics.json"), "w") as f:
