@@ -54,14 +54,13 @@ def scripted(monkeypatch, script):
 
     def load_scripted(ckpt, dev="cpu"):
         model, tok, wp, state = load(ckpt, dev)
-        ids, forward = iter(script(tok)), model.llm.forward
+        ids, vocab = iter(script(tok)), model.llm.lm_head.weight.shape[0]
 
-        def forced(*a, **k):
-            logits, h = forward(*a, **k)  # the real hidden states: <evi> grounding still runs on them
-            logits = torch.full_like(logits, -1e4)
+        def forced(x):  # only the logits: <evi> grounding still runs on the real hidden states
+            logits = torch.full((*x.shape[:-1], vocab), -1e4)
             logits[..., next(ids, tok.end_id)] = 0
-            return logits, h
-        model.llm.forward = forced
+            return logits
+        model.llm.lm_head.forward = forced
         return model, tok, wp, state
     monkeypatch.setattr(sample, "load_model", load_scripted)
 
