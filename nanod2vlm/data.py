@@ -257,7 +257,7 @@ def ablate(rec, cfg):
         head, tail = gpt.split("</evi>", 1)
         parts = tail.split("<evi>")
         spans = gt["interleaved_response"]
-        gpt = head + "</evi>" + parts[0] + "".join(f"{s:g}s - {e:g}s{p}" for (s, e), p in zip(spans, parts[1:]))
+        gpt = head + "</evi>" + parts[0] + "".join(f"{s:g} - {e:g}{p}" for (s, e), p in zip(spans, parts[1:]))
         gt = dict(gt, interleaved_response=[])
     if cfg.evi_unit == "frame":
         gpt = gpt.replace("<evi>", "<evi> <evi>")

@@ -164,7 +164,7 @@ def test_ablations_rewrite_the_response():
                              {"from": "gpt", "value": "<evi> <evi> </evi> The circle flashes in <evi> and <evi>."}]}
     cfg = SimpleNamespace(interleave=False, evi_unit="event")
     r = ablate(rec, cfg)
-    assert r["conversations"][1]["value"] == "<evi> <evi> </evi> The circle flashes in 1s - 4.5s and 10s - 12s."
+    assert r["conversations"][1]["value"] == "<evi> <evi> </evi> The circle flashes in 1 - 4.5 and 10 - 12."
     assert r["time_gt"] == {"evidence_grounding": [[1.0, 4.5], [10.0, 12.0]], "interleaved_response": []}
     r = ablate(rec, SimpleNamespace(interleave=True, evi_unit="frame"))
     assert r["conversations"][1]["value"] == "<evi> <evi> <evi> <evi> </evi> The circle flashes in <evi> <evi> and <evi> <evi>."

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanod2vlm.loss import L_cons, L_gnd, L_sft, cons_pairs, fpo_loss, fpo_step_loss, log_p_g, log_pi
+from nanod2vlm.loss import L_cons, L_gnd, L_match, L_sft, cons_pairs, fpo_loss, fpo_step_loss, log_p_g, log_pi
 
 torch.manual_seed(0)
 D = torch.float64
@@ -42,6 +42,17 @@ def test_L_gnd_eq3_matches_loop():
                for t in frames]
         per_evi.append(float(sum(bce)) / len(frames))
     assert torch.allclose(L_gnd(sim, y, valid), torch.tensor(sum(per_evi) / len(per_evi), dtype=D))
+
+
+def test_L_match_is_cross_entropy_over_valid_frames():
+    sim, _, valid = batch_evi()
+    target = torch.tensor([int(torch.randint(0, int(v.sum()), ())) for v in valid])
+    per_evi = []
+    for n in range(sim.shape[0]):
+        frames = [t for t in range(sim.shape[1]) if valid[n, t]]
+        z = sum(math.exp(float(sim[n, t])) for t in frames)
+        per_evi.append(-math.log(math.exp(float(sim[n, target[n]])) / z))
+    assert abs(float(L_match(sim, target, valid)) - sum(per_evi) / len(per_evi)) < 1e-9
 
 
 def test_L_cons_eq1_matches_loop():
