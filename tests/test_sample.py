@@ -52,8 +52,8 @@ def scripted(monkeypatch, script):
     """Make sample.load_model's model say `script(tok)` (a list of ids) whatever it sees, then <|end|>."""
     load = sample.load_model
 
-    def load_scripted(ckpt, dev="cpu"):
-        model, tok, wp, state = load(ckpt, dev)
+    def load_scripted(*args, **kw):
+        model, tok, wp, state = load(*args, **kw)
         ids, forward = iter(script(tok)), model.llm.forward
 
         def forced(*a, **k):
