@@ -3,6 +3,8 @@
     python sample.py video.mp4 "When does the red square appear?"          # the default nano run's checkpoint
     python sample.py video.mp4 "..." --ckpt runs/nano --json --plot out.png
     python sample.py --eval data/world/test.json                              # batched metrics over a file
+    python sample.py video.mp4 "..." --ckpt PATH/D2VLM --bert_vocab PATH/bert-base-uncased/vocab.txt  # official
+    python sample.py --ckpt runs/full --export DIR      # a run in the official merged layout, for the official scripts
 """
 import argparse
 import json
@@ -13,34 +15,9 @@ import time
 import torch
 from tqdm import tqdm
 
+from nanod2vlm.checkpoint import CheckpointError, export, load_model
 from nanod2vlm.data import AnnotationError, FrameCache, VideoError, normalize, read_annotations, read_video
 from nanod2vlm.metrics import SPAN, dense_caption_scores, grounding_recall, multi_span_f1, parse_spans
-from nanod2vlm.model import LORA_EXTRA, CheckpointError, Config, build_d2vlm, load_adapter, load_safetensors_into
-from nanod2vlm.tokenizer import Tokenizer, WordPiece
-
-
-def load_model(ckpt, dev="cpu"):
-    """A training run's folder (its `latest` step) or one step folder → (model, tokenizer, WordPiece, state).
-    A LoRA run stores only what it trained; the base weights come from the paths it was trained with."""
-    if os.path.exists(os.path.join(ckpt, "latest")):
-        ckpt = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
-    run = os.path.dirname(os.path.abspath(ckpt))
-    try:
-        with open(os.path.join(ckpt, "state.json")) as f:
-            state = json.load(f)
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); train one with `python train.py`") from None
-    t = state["train"]
-    tok = Tokenizer.load(os.path.join(run, "tokenizer.model") if not t["hf_llm"] else t["hf_llm"])
-    wp = WordPiece(os.path.join(run, "vocab.txt"))
-    model = build_d2vlm(cfg, t["hf_llm"], t["eva"])
-    weights = os.path.join(ckpt, "model.safetensors")
-    if cfg.lora_r:  # a LoRA run stores only its adapter
-        load_adapter(model, weights, LORA_EXTRA)
-    else:
-        load_safetensors_into(model, weights)
-    return model.to(dev).eval(), tok, wp, state
 
 
 def chunks(text, evi="<evi>"):
@@ -164,7 +141,11 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("video", nargs="?")
     ap.add_argument("question", nargs="?")
-    ap.add_argument("--ckpt", default="runs/nano", help="a run folder or step folder; with --eval, a comma-separated list")
+    ap.add_argument("--ckpt", default="runs/nano", help="a run folder or step folder, an official merged or adapter "
+                    "folder; with --eval, a comma-separated list")
+    ap.add_argument("--bert_vocab", default="", help="bert-base-uncased's vocab.txt (an official --ckpt)")
+    ap.add_argument("--base", default="", help="the merged folder an official adapter --ckpt sits on")
+    ap.add_argument("--export", metavar="DIR", help="write --ckpt to DIR in the official merged layout")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -174,19 +155,24 @@ def main(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     try:
+        if a.export:
+            model, tok, wp, state = load_model(a.ckpt, "cpu", a.bert_vocab, a.base)
+            export(model, tok, wp, a.export, state["base"].get("official", ""))
+            print(f"wrote {a.ckpt} to {a.export} in the official merged layout")
+            return
         if a.eval is None and (not a.video or not a.question or not a.question.strip()):
-            ap.error("give a video and a non-empty question, or --eval ANNOTATIONS")
+            ap.error("give a video and a non-empty question, or --eval ANNOTATIONS, or --export DIR")
         if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
             cache = FrameCache()
             for i, ckpt in enumerate(a.ckpt.split(",")):
-                model, tok, wp, _ = load_model(ckpt, a.device)
+                model, tok, wp, _ = load_model(ckpt, a.device, a.bert_vocab, a.base)
                 out = os.path.splitext(a.eval)[0] + (f".{i}" if "," in a.ckpt else "") + ".predictions.json"
                 m = evaluate(model, tok, wp, a.eval, cache, out, a.max_new_tokens)
                 print(f"== {ckpt}")
                 print_metrics(m)
                 print(f"predictions and metrics: {out}")
             return
-        model, tok, wp, _ = load_model(a.ckpt, a.device)
+        model, tok, wp, _ = load_model(a.ckpt, a.device, a.bert_vocab, a.base)
         cfg = model.cfg
         frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
         r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)

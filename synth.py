@@ -206,9 +206,9 @@ def llm_distorter(hf_dir, max_new_tokens=64):
     own greedy sampler, as the paper prompts an off-the-shelf LLM; distort() keeps the answer only if it has
     exactly one <evi>."""
     import torch
-    from nanod2vlm.model import Phi3
+    from nanod2vlm.checkpoint import load_phi3
     from nanod2vlm.tokenizer import Tokenizer
-    tok, llm = Tokenizer.phi3(hf_dir), Phi3.from_pretrained(hf_dir, dtype=torch.float32)
+    tok, llm = Tokenizer.phi3(hf_dir), load_phi3(hf_dir)
 
     def ask(chunk):
         ids = tok.encode(tok.chat(LLM_PROMPT.format(chunk=chunk)))

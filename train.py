@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -18,10 +17,10 @@ from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
 from nanod2vlm.loss import fpo_step_loss, sft_loss
-from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, cast_frozen, mark_trainable,
-                             save_adapter, save_safetensors)
+from nanod2vlm.checkpoint import CheckpointError, build_d2vlm, latest, load_model, load_optimizer, save_checkpoint
+from nanod2vlm.model import CONFIGS, cast_frozen, mark_trainable
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
-from sample import evaluate, load_model, print_metrics
+from sample import evaluate, print_metrics
 
 
 @dataclass
@@ -34,7 +33,8 @@ class Train:
     train_json: str = ""           # default: {data}/train.json (sft) or {data}/fpo_pairs.json (fpo)
     eval_json: str = ""            # default: {data}/test.json; "none" skips the final evaluation
     out: str = "runs/nano"
-    init: str = ""                 # start from this checkpoint folder (fpo: the SFT run)
+    init: str = ""                 # start from this checkpoint: a run of ours (fpo: the SFT run) or an official merged
+                                   # folder (full: E.T. Chat stage-2, as the released SFT starts)
     hf_llm: str = ""               # full: a Hugging Face Phi-3 folder (weights, tokenizer.model)
     bert_vocab: str = ""           # full: bert-base-uncased's vocab.txt, for the Q-Former's question text
     eva: str = ""                  # full: EVA-CLIP ViT-G weights (timm safetensors)
@@ -46,9 +46,13 @@ class Train:
     lora_lr: float = 5e-5
     warmup: float = 0.03
     weight_decay: float = 0.0
+    beta2: float = 0.95            # AdamW's second moment decay (beta1 0.9)
     w_gnd: float = 10.0            # the released weight (Eq. 2 as printed: 1)
     w_cons: float = 1.0            # released: 10; 0 = the "no consistency loss" ablation
     soft_alpha: float = 0.0        # 0: hard 1/0 frame targets (paper); 2: the released soft targets alpha^-d
+    min_duration: float = 0.0      # SFT records outside [min_duration, max_duration] seconds are dropped
+    max_duration: float = math.inf
+    max_words: int = 0             # SFT records whose first answer has more words (split on " ") are dropped; 0: none
     beta: float = 0.1              # FPO (released; Eq. (4) as printed: 1)
     ckpt_every: int = 200
     vit_cache: bool = False        # cache the frozen ViT's features per video in {data}/cache (full scale: a must)
@@ -60,9 +64,14 @@ class Train:
 # soft targets, no reference model); steps, lr and batch are the nano run's.
 FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size=8, w_cons=10.0, soft_alpha=2.0)
 
+# --config=full defaults: the released recipe (its training scripts), for SFT and FPO alike: soft targets 2^-d, loss
+# weights 10 / 10, learning rates, AdamW betas (0.9, 0.999), 3 % warm-up, batch 1, and its data filters.
+FULL = dict(soft_alpha=2.0, w_gnd=10.0, w_cons=10.0, lr=2e-5, lora_lr=5e-5, beta2=0.999, warmup=0.03, batch_size=1,
+            min_duration=5.0, max_duration=350.0, max_words=200)
+
 
 def parse(argv):
-    """--name=value overrides of Train and of the model Config chosen by --config (FPO has its own defaults)."""
+    """--name=value overrides of Train and of the model Config chosen by --config (FPO and FULL: their defaults)."""
     kv, args = {}, list(argv)
     while args:  # --name=value, --name value, or a bare --flag (true)
         key, eq, val = args.pop(0).removeprefix("--").partition("=")
@@ -77,8 +86,8 @@ def parse(argv):
         return replace(obj, **{k: cast(types[k], kv.pop(k)) for k in list(kv) if k in types})
     given = set(kv)
     t = override(Train())
-    if t.stage == "fpo":
-        t = replace(t, **{k: v for k, v in FPO.items() if k not in given})
+    presets = (FPO if t.stage == "fpo" else {}) | (FULL if t.config == "full" else {})
+    t = replace(t, **{k: v for k, v in presets.items() if k not in given})
     cfg = override(CONFIGS[t.config])
     if kv:
         sys.exit(f"unknown option(s): {', '.join('--' + k for k in kv)} (see the Train and Config dataclasses)")
@@ -111,30 +120,6 @@ def to(b, dev):
     return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
-# ------------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out, step, model, opt, t, history):
-    """Write {out}/step-N (weights, optimizer, state) under a temporary name, rename it, then point `latest` at
-    it: a kill at any moment leaves the last good checkpoint intact."""
-    final = os.path.join(out, f"step-{step:06d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if model.cfg.lora_r:  # only what trained: the base weights come from --hf_llm / --eva
-        save_adapter(model, os.path.join(tmp, "model.safetensors"), LORA_EXTRA)
-    else:
-        save_safetensors(model, os.path.join(tmp, "model.safetensors"))
-    opt_state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    save_safetensors(opt_state, os.path.join(tmp, "optim.safetensors"))
-    state = dict(step=step, train=asdict(t), config=asdict(model.cfg), history=history)
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    for old in sorted(d for d in os.listdir(out) if d.startswith("step-") and d != os.path.basename(final))[:-1]:
-        shutil.rmtree(os.path.join(out, old), ignore_errors=True)  # keep the last two
 
 
 def amp(dev):
@@ -157,6 +142,12 @@ def vit_tag(model):
     return "vit" + h.hexdigest()[:12]
 
 
+def keep(rec, t):
+    """The released SFT's filters: the video's duration, and the words of the first gpt message split on " "."""
+    words = len(rec["conversations"][1]["value"].split(" "))
+    return t.min_duration <= rec["duration"] <= t.max_duration and (not t.max_words or words <= t.max_words)
+
+
 def build_tokenizers(t):
     """nano: a sentencepiece model and a WordPiece vocab trained on the training texts (the world's grammar);
     full: Phi-3's tokenizer.model and bert-base-uncased's vocab.txt."""
@@ -164,18 +155,7 @@ def build_tokenizers(t):
         return Tokenizer.phi3(t.hf_llm), WordPiece(t.bert_vocab)
     texts = [c["value"].replace("<image>\n", "") for r in read_annotations(t.train_json or os.path.join(t.data, "train.json"))
              for c in r["conversations"]]
-    os.makedirs(t.out, exist_ok=True)
-    return Tokenizer.nano(texts, os.path.join(t.data, "tokenizer.model")), WordPiece.build(texts, os.path.join(t.out, "vocab.txt"))
-
-
-def save_tokenizers(tok, wp, out):
-    """Beside the checkpoints, so sample.py finds them (a Phi-3 run reads its tokenizer from --hf_llm)."""
-    os.makedirs(out, exist_ok=True)
-    if tok.proto is not None and tok.vocab_size < 32000:
-        with open(os.path.join(out, "tokenizer.model"), "wb") as f:
-            f.write(tok.proto)
-    with open(os.path.join(out, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("".join(w + "\n" for w in sorted(wp.vocab, key=wp.vocab.get)))
+    return Tokenizer.nano(texts, os.path.join(t.data, "tokenizer.model")), WordPiece.build(texts, os.path.join(t.data, "vocab.txt"))
 
 
 class PairDataset:
@@ -216,33 +196,34 @@ def main(argv):
             ensure_world(t.data, n_train=t.world_train, n_test=t.world_test, seed=t.seed)
         if ddp:
             dist.barrier()
-    resume_from = None
-    if t.resume:
-        latest = os.path.join(t.out, "latest")
-        if not os.path.exists(latest):
-            raise SystemExit(f"--resume: no checkpoint in {t.out} (expected {latest})")
-        resume_from = os.path.join(t.out, open(latest).read().strip())
-    init = resume_from or t.init
-    if init:  # the checkpoint brings its own config, tokenizers and weights
-        model, tok, wp, state = load_model(init)
+    if t.resume and latest(t.out) == t.out:
+        raise SystemExit(f"--resume: no checkpoint in {t.out} (expected {t.out}/latest)")
+    init = latest(t.out) if t.resume else t.init
+    if init:  # the checkpoint brings its tokenizers, weights and config (an official folder: Phi-3's, the rest cfg)
+        model, tok, wp, state = load_model(init, bert_vocab=t.bert_vocab, cfg=cfg)
         cfg = model.cfg
     else:
         tok, wp = build_tokenizers(t)
         cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.vocab_size) if t.hf_llm else tok.vocab_size,
                       qf_vocab=len(wp.vocab), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,
                       end_id=tok.end_id)
-        model = build_d2vlm(cfg, t.hf_llm, t.eva)
+        state = dict(base=dict(hf_llm=t.hf_llm, eva=t.eva))
+        model = build_d2vlm(cfg, **state["base"])
     if cfg.lora_r:
-        mark_trainable(model, extra=LORA_EXTRA)
-    if rank == 0:
-        save_tokenizers(tok, wp, t.out)
+        mark_trainable(model)
+        if "official" not in state["base"]:  # no E.T. Chat compressor to start from: the random one trains whole
+            model.compressor.requires_grad_(True)
     cache = FrameCache(os.path.join(t.data, "cache"))
     train_json = t.train_json or os.path.join(t.data, "train.json" if t.stage == "sft" else "fpo_pairs.json")
     video = dict(fps=cfg.fps, size=cfg.img_size, max_frames=cfg.max_frames, alpha=t.soft_alpha or None)
     if t.vit_cache:  # the frozen tower encodes each video once; batches then carry its features (B, T, P, W)
         video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model))
     if t.stage == "sft":
-        records = [ablate(r, cfg) for r in read_annotations(train_json)]
+        every = read_annotations(train_json)
+        records = [ablate(r, cfg) for r in every if keep(r, t)]
+        if len(records) < len(every):
+            say(f"{len(every) - len(records)} of {len(every)} records dropped: duration outside [{t.min_duration}, "
+                f"{t.max_duration}] s or more than {t.max_words} words in the first answer")
         ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)
     else:
         if not os.path.exists(train_json):
@@ -259,14 +240,14 @@ def main(argv):
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     groups = [dict(params=rest, lr=t.lr)] + ([dict(params=lora, lr=t.lora_lr)] if lora else [])
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=t.weight_decay, fused=dev != "cpu")
+    opt = torch.optim.AdamW(groups, betas=(0.9, t.beta2), weight_decay=t.weight_decay, fused=dev != "cpu")
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     step, history = 0, []
-    if resume_from:
+    if t.resume:
         step, history = state["step"], state["history"]
-        load_optimizer(opt, os.path.join(resume_from, "optim.safetensors"))
-        say(f"resumed {resume_from} at step {step}")
+        load_optimizer(opt, os.path.join(init, "optim.safetensors"))
+        say(f"resumed {init} at step {step}")
     fwd = torch.compile(model, dynamic=True) if t.compile else model
     n_params = sum(p.numel() for p in params)
     say(f"{t.stage} | {t.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -311,13 +292,13 @@ def main(argv):
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{ntok / (time.time() - t0):.0f}")
         if rank == 0 and (step % t.ckpt_every == 0 or step == t.steps):
-            save_checkpoint(t.out, step, model, opt, t, history)
+            save_checkpoint(t.out, model, opt, tok, wp, dict(step=step, train=asdict(t), base=state["base"], history=history))
     bar.close()
     if ddp:
         dist.barrier()
     if rank == 0:
         plot_losses(history, os.path.join(t.out, "loss.png"))
-        say(f"checkpoint: {t.out}/{open(os.path.join(t.out, 'latest')).read().strip()} | loss curve: {t.out}/loss.png")
+        say(f"checkpoint: {latest(t.out)} | loss curve: {t.out}/loss.png")
         eval_json = t.eval_json or os.path.join(t.data, "test.json")
         if eval_json != "none":
             with amp(dev):
@@ -327,27 +308,6 @@ def main(argv):
                 json.dump(metrics, f, indent=1)
     if ddp:
         dist.destroy_process_group()
-
-
-def load_optimizer(opt, path):
-    """AdamW's state ({i}.step, {i}.exp_avg, ...), checked against the parameters' shapes: a corrupt or foreign
-    file fails here, naming itself, rather than inside the first opt.step()."""
-    from safetensors.torch import load_file
-    try:
-        flat = load_file(path)
-    except Exception as e:  # safetensors raises its own error type on a corrupt file
-        raise CheckpointError(f"{path}: not a readable optimizer state ({e})") from None
-    params = [p for g in opt.param_groups for p in g["params"]]
-    sd, bad = opt.state_dict(), []
-    for key, v in flat.items():
-        i, name = key.split(".", 1)
-        want = () if name == "step" else tuple(params[int(i)].shape) if int(i) < len(params) else "no parameter"
-        if tuple(v.shape) != want:
-            bad.append(f"{key} (checkpoint {tuple(v.shape)}, model {want})")
-        sd["state"].setdefault(int(i), {})[name] = v
-    if bad:
-        raise CheckpointError(f"{path} does not fit the model: {len(bad)} shape mismatches: " + ", ".join(bad[:8]))
-    opt.load_state_dict(sd)
 
 
 def plot_losses(history, path):

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from nanod2vlm.checkpoint import load_phi3
 from nanod2vlm.data import collate, read_video
 from nanod2vlm.loss import L_gnd, L_sft
-from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, Block, Config, KVCache, Phi3, add_lora, build_mask, cast_frozen, \
+from nanod2vlm.model import CONFIGS, D2VLM, Block, Config, KVCache, add_lora, build_mask, cast_frozen, \
     head, mark_trainable, rope_cos_sin, span_of
 
 ROWS = []  # (name, value, unit, target, PASS/FAIL or "")
@@ -97,7 +98,7 @@ def bench_cpu(args):
     hf = hf_phi3(cfg)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = Phi3.from_pretrained(d, cfg, dtype=torch.float32)
+        ours = load_phi3(d, cfg)
     hf.eval(), ours.eval()
     prompt = torch.randint(3, cfg.vocab_size, (1, P))
     gen_ours = lambda: ours.generate(ours.model.embed_tokens(prompt), N)
@@ -191,7 +192,7 @@ def count_flops(fn):
 
 
 def bench_gpu(args, dev="cuda"):
-    """Full-config SFT step in bf16 with torch.compile, training what train.py trains (LoRA + LORA_EXTRA): `T` cached
+    """Full-config SFT step in bf16 with torch.compile, training what train.py trains (is_adapter): `T` cached
     ViT features through the compressor, T frame tokens + `L` text tokens through Phi-3, the <evi> heads,
     L_sft + L_gnd. Timed alone, so its peak memory is its own. Then the Phi-3 part of that step (LoRA only,
     inputs_embeds, the same 4-D frame mask), ours vs transformers + peft side by side: transformers has no D2VLM.
@@ -202,7 +203,7 @@ def bench_gpu(args, dev="cuda"):
     with torch.device(dev):  # as train.py: trained parameters fp32, Phi-3's frozen ones bf16, bf16 autocast
         model = D2VLM(cfg)
     add_lora(model.llm, cfg)
-    mark_trainable(model, extra=LORA_EXTRA)
+    mark_trainable(model)
     cast_frozen(model.llm, torch.bfloat16)
     amp = lambda: torch.autocast(dev, torch.bfloat16)
     n, P, E = T + L, (cfg.img_size // cfg.patch) ** 2, 4  # E <evi> tokens in the response

@@ -105,9 +105,9 @@ class AnnotationError(ValueError):
 
 
 def read_annotations(path):
-    """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e]. Every
-    record is checked; all malformed records of the file are reported together in one AnnotationError (none
-    silently dropped)."""
+    """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e] (and
+    `src`, if any, as a list of [s, e]). Every record is checked; all malformed records of the file are reported
+    together in one AnnotationError (none silently dropped)."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
@@ -131,13 +131,27 @@ def read_annotations(path):
                     except json.JSONDecodeError as e:
                         errors.append(f"{where}: not valid JSON: {e}")
     for where, r in records:
-        if isinstance(r, dict) and isinstance(r.get("time_gt"), dict):  # App. B also writes one interval flat: [s, e]
-            r["time_gt"] = {k: [v] if _is_number_pair(v) else v for k, v in r["time_gt"].items()}
+        if isinstance(r, dict):
+            _normalize(r)
         if problems := _check_record(r):
             errors.append(f"{where}: " + "; ".join(problems))
     if errors:
         raise AnnotationError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors))
     return [r for _, r in records]
+
+
+def _normalize(r):
+    """The paper's App. B writes time_gt, one interval also flat ([s, e]). The released training data (ET-Instruct)
+    writes `tgt` and `src` as flat [s1, e1, s2, e2, ...] seconds: pair k of `tgt` belongs to the k-th <evi> of both
+    stages (time_gt), pair m of `src` to the m-th <evi> of the question. A reversed pair is flipped, as there."""
+    if isinstance(r.get("time_gt"), dict):
+        r["time_gt"] = {k: [v] if _is_number_pair(v) else v for k, v in r["time_gt"].items()}
+    for key in ("tgt", "src"):
+        flat = r.get(key)
+        if isinstance(flat, list) and len(flat) % 2 == 0 and all(isinstance(v, (int, float)) for v in flat):
+            r[key] = [sorted(flat[i:i + 2]) for i in range(0, len(flat), 2)]
+    if "tgt" in r and "time_gt" not in r:
+        r["time_gt"] = dict(evidence_grounding=r["tgt"], interleaved_response=list(r["tgt"]))
 
 
 def _is_number_pair(x):
@@ -163,6 +177,13 @@ def _check_record(r):
         return problems
     if "<image>" in turns["gpt"]:
         problems.append("the gpt value contains <image> (a frame placeholder; only the human turn may have it)")
+    for key in ("tgt", "src"):  # _normalize made them lists of pairs where it could
+        if key in r and not (isinstance(r[key], list) and all(_is_number_pair(p) and p[0] >= 0 for p in r[key])):
+            problems.append(f"'{key}' must be a flat list [s1, e1, s2, e2, ...] of seconds >= 0, got {r[key]!r}")
+    n_src = len(r["src"]) if isinstance(r.get("src"), list) else 0
+    n_q = str(turns.get("human")).count("<evi>")  # question-side <evi>, one per src interval
+    if n_src != n_q:
+        problems.append(f"'src' has {n_src} intervals but the human value has {n_q} <evi>")
     gt = r.get("time_gt", {})
     stage1, _, stage2 = turns["gpt"].partition("</evi>")
     for key, text, where in (("evidence_grounding", stage1, "before"), ("interleaved_response", stage2, "after")):

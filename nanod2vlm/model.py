@@ -1,19 +1,15 @@
 """nanod2vlm: the whole D²VLM model in one file.
 
 Read top-down: config, primitives (RMSNorm, RoPE, attention, MLP, LoRA), the EVA-CLIP vision tower,
-the Q-Former frame compressor, the Phi-3 decoder, then the D²VLM model that owns the <evi> mechanism,
-and last the checkpoint loading.
+the Q-Former frame compressor, the Phi-3 decoder, then the D²VLM model that owns the <evi> mechanism.
+Loading and saving it: nanod2vlm/checkpoint.py.
 """
-import json
 import math
-import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 
 @dataclass
@@ -187,20 +183,22 @@ def add_lora(model, cfg):
     return model
 
 
-# What trains beside the LoRA matrices when a pretrained LLM is adapted (train.py, sample.py, bench.py): the <evi>
-# heads, the frame compressor, and the embedding and output layers (the new <evi>, </evi> rows start untrained).
-LORA_EXTRA = ("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head")
+# What trains when a pretrained LLM is adapted, as in the released D²VLM: LoRA, the embedding and output layers (the
+# new <evi>, </evi> rows start untrained), both <evi> heads, the compressor's own layers and its BERT self- and
+# cross-attention; the ViT, the decoder's weights, the BERT embeddings and FFNs stay frozen. Module names.
+ADAPTER = {"lora_A", "lora_B", "embed_tokens", "lm_head", "evi_head", "frm_head", "qformer_query", "qformer_ln",
+           "qformer_proj", "qformer_q_proj", "qformer_k_proj", "qformer_v_proj", "attention", "crossattention"}
 
 
-def is_adapter(name, extra=()):
-    """A LoRA matrix, or a parameter whose name contains one of `extra`: what trains, and what an adapter file holds."""
-    return name.endswith(("lora_A", "lora_B")) or any(e in name for e in extra)
+def is_adapter(name):
+    """A parameter that trains when LoRA is on (one of ADAPTER is in its path): what an adapter file holds."""
+    return not ADAPTER.isdisjoint(name.split("."))
 
 
-def mark_trainable(model, extra=()):
+def mark_trainable(model):
     """Freeze everything but the adapter (is_adapter)."""
     for name, p in model.named_parameters():
-        p.requires_grad = is_adapter(name, extra)
+        p.requires_grad = is_adapter(name)
 
 
 def cast_frozen(model, dtype):
@@ -210,16 +208,6 @@ def cast_frozen(model, dtype):
         if not p.requires_grad:
             p.data = p.data.to(dtype)
     return model
-
-
-def save_adapter(model, path, extra=()):
-    """Save only the adapter: the LoRA matrices and the parameters named by `extra` (e.g. LORA_EXTRA)."""
-    save_safetensors({k: v for k, v in model.state_dict().items() if is_adapter(k, extra)}, path)
-
-
-def load_adapter(model, path, extra=()):
-    """Load what save_adapter wrote; every adapter tensor must be in the file, with its shape."""
-    _load_tensors({k: v for k, v in model.state_dict().items() if is_adapter(k, extra)}, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,23 +269,9 @@ class EVAViT(nn.Module):
         return x[:, 1:]  # (N, n_patches, C): patch tokens of the last kept block
 
 
-def eva_rename(cfg):
-    """Key filter for an EVA-CLIP ViT-G checkpoint (timm `Eva` or LAVIS `eva_vit_g` keys, converted to
-    safetensors): keep blocks < cfg.vit_layers and drop the final norm / fc_norm / head, so the 40-block
-    checkpoint gives the 39-block tower. Use: load_safetensors_into(vit, path, rename=eva_rename(cfg))."""
-    def rename(k):
-        if k.split(".")[0] in ("norm", "fc_norm", "head"):
-            return None
-        if k.startswith("blocks.") and int(k.split(".")[1]) >= cfg.vit_layers:
-            return None
-        return k
-    return rename
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Q-Former frame compressor (E.T. Chat). The BERT part's keys equal HF `InstructBlipQFormerModel`. The official
-# checkpoint uses LAVIS names; to load it: drop `qformer_bert.cls.*` and `embeddings.position_ids`, strip
-# `qformer_bert.bert.` to `qformer_bert.`, rename `.self.` -> `.attention.`, `embeddings.LayerNorm` -> `.layernorm`.
+# Q-Former frame compressor (E.T. Chat). The BERT part's keys equal HF `InstructBlipQFormerModel`; the official
+# checkpoint's LAVIS names map onto them in nanod2vlm/checkpoint.py (etchat_rename).
 
 def _dense(n_in, n_out, ln=False):
     """BERT's `{dense}` or post-LN `{dense, LayerNorm}` sub-module (eps 1e-12), named as in the checkpoints."""
@@ -533,30 +507,6 @@ class Phi3(nn.Module):
             out, hs = self(e, torch.tensor([[L + i]], device=dev), None, cache, keep)
         return ids
 
-    @classmethod
-    def from_pretrained(cls, hf_dir, cfg=None, dtype=torch.bfloat16, device="cpu"):
-        """Build from an HF Phi-3 directory (config.json + safetensors); cfg, if given, must agree with it."""
-        hf = _read_json(os.path.join(hf_dir, "config.json"))
-        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise CheckpointError(f"{hf_dir}: rope scaling {rope.get('rope_type', rope.get('type'))!r} "
-                                  "(long-context Phi-3) is not supported; use Phi-3-mini-4k-instruct")
-        if hf.get("num_key_value_heads", hf["num_attention_heads"]) != hf["num_attention_heads"]:
-            raise CheckpointError(f"{hf_dir}: grouped-query attention is not supported")
-        found = dict(vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
-                     n_head=hf["num_attention_heads"], n_mlp=hf["intermediate_size"], rms_eps=hf["rms_norm_eps"],
-                     rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                     max_pos=hf["max_position_embeddings"])
-        if cfg is not None:
-            bad = [f"{k}: config.json {v}, cfg {getattr(cfg, k)}" for k, v in found.items() if getattr(cfg, k) != v]
-            if bad:
-                raise CheckpointError(f"{hf_dir}/config.json does not match cfg: " + "; ".join(bad))
-        with torch.device("meta"):
-            model = cls(replace(cfg or Config(), **found))
-        model = model.to(dtype).to_empty(device=device)  # allocate once, in the target dtype
-        load_safetensors_into(model, hf_dir)
-        return model
-
 
 # ----------------------------------------------------------------------------------------------------------
 # D²VLM (Sec. 3.2): frame tokens into Phi-3; <evi> tokens ground events and pool their frames into themselves
@@ -707,119 +657,3 @@ class D2VLM(nn.Module):
         out = self.llm.generate(x, max_new_tokens, cfg.end_id, frm, (cfg.evi_layer, cfg.capture_layer), embed,
                                 temperature, seed, repetition_penalty, seen=prompt_ids, exempt=(cfg.image_id, cfg.evi_id))
         return out, evis
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors only, read tensor by tensor into the already allocated parameters
-
-class CheckpointError(ValueError):
-    pass
-
-
-def save_safetensors(obj, path):
-    """Write a module's state_dict (or a dict of tensors) atomically: to path.tmp, then rename."""
-    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora_B")):
-    """Copy a checkpoint into module's parameters (cast to their dtype) and check it fits exactly.
-
-    path: a .safetensors file, or an HF directory with model.safetensors or a sharded
-    model.safetensors.index.json. rename(key) -> module key, or None to skip the tensor (for official
-    E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
-    _load_tensors(module.state_dict(), path, rename, missing_ok)
-
-
-def etchat_rename(key):
-    """Official E.T. Chat / D²VLM key (`ETChatPhi3ForCausalLM`, merged weights, not peft's `base_model.model.`
-    names) -> our D2VLM key, or None to drop it. Use: load_safetensors_into(d2vlm, path, rename=etchat_rename).
-    Prefixes (etchat/model/etchat_arch.py, language_model/phi3.py, vision_encoder/eva_vit.py): the Phi-3 body
-    and the multimodal parts live under `model.` (the ViT as `model.vision_tower.vision_tower.`, LAVIS names, 39
-    blocks), `lm_head`, `frm_head`, `evi_head` at the top. Dropped: the BERT LM head, position_ids, and E.T.
-    Chat's `vid_head` (its <vid> matching head; whether D²VLM's evi_head starts from it is not established)."""
-    if "qformer_bert.cls." in key or key.endswith("embeddings.position_ids") or key.startswith("vid_head."):
-        return None
-    if key.startswith("model.vision_tower.vision_tower."):
-        return "visual." + key.removeprefix("model.vision_tower.vision_tower.")
-    if key.startswith("model.qformer_"):  # qformer_bert (LAVIS BertLMHeadModel), _query, _ln, _proj, _{q,k,v}_proj
-        key = key.removeprefix("model.").replace("qformer_bert.bert.", "qformer_bert.").replace(".self.", ".attention.")
-        return "compressor." + key.replace("embeddings.LayerNorm", "embeddings.layernorm")
-    if key.startswith(("frm_head.", "evi_head.")):
-        return key
-    return "llm." + key  # model.embed_tokens / model.layers.N / model.norm / lm_head: HF Phi-3 names
-
-
-def build_d2vlm(cfg, hf_llm="", eva=""):
-    """D2VLM(cfg) with pretrained weights where paths are given (an HF Phi-3 folder, EVA-CLIP ViT-G safetensors),
-    then LoRA on the decoder if cfg asks for it (train.py builds a model this way, sample.py rebuilds it)."""
-    model = D2VLM(cfg)
-    if hf_llm:
-        load_safetensors_into(model.llm, hf_llm)
-    if eva:
-        load_safetensors_into(model.visual, eva, rename=eva_rename(cfg))
-    if cfg.lora_r:
-        add_lora(model.llm, cfg)
-    return model
-
-
-def _load_tensors(targets, path, rename=None, missing_ok=()):
-    files = _checkpoint_files(path)
-    plan, seen, unexpected, shapes = {}, set(), [], []  # plan: file -> [(file key, module key)]
-    for f in files:  # first pass reads headers only: a bad checkpoint fails before anything is overwritten
-        with _open(f) as sf:
-            for key in sf.keys():
-                name = rename(key) if rename else key
-                if name is None:
-                    continue
-                if name not in targets:
-                    unexpected.append(key)
-                    continue
-                seen.add(name)
-                if (shape := tuple(sf.get_slice(key).get_shape())) != tuple(targets[name].shape):
-                    shapes.append(f"{name} (checkpoint {shape}, model {tuple(targets[name].shape)})")
-                else:
-                    plan.setdefault(f, []).append((key, name))
-    missing = [k for k in targets if k not in seen and not any(m in k for m in missing_ok)]
-    if missing or unexpected or shapes:
-        msg = f"checkpoint {path} does not fit the model:"
-        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                more = f", ... (+{len(items) - 8} more)" if len(items) > 8 else ""
-                msg += f"\n  {len(items)} {what}: " + ", ".join(items[:8]) + more
-        raise CheckpointError(msg)
-    with torch.no_grad():
-        for f, pairs in plan.items():
-            with _open(f) as sf:
-                for key, name in pairs:
-                    targets[name].copy_(sf.get_tensor(key))  # one tensor in RAM at a time
-
-
-def _checkpoint_files(path):
-    if os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            return [os.path.join(path, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
-        path = os.path.join(path, "model.safetensors")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint (expected a .safetensors file or an HF directory "
-                              "with model.safetensors or model.safetensors.index.json)")
-    return [path]
-
-
-def _open(f):
-    try:
-        return safe_open(f, framework="pt")
-    except Exception as e:  # safetensors raises its own error type on a corrupt or foreign file
-        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None

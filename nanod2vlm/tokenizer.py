@@ -79,18 +79,9 @@ class Tokenizer:
                 tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
                 tmp.write_bytes(data)
                 os.replace(tmp, file)
-        return cls.load(cache_path)
-
-    @classmethod
-    def load(cls, path):
-        """A saved nano tokenizer.model (its special tokens are pieces of it), else a Phi-3 tokenizer."""
-        path = Path(path)
-        if path.is_file():
-            proto = path.read_bytes()
-            sp = spm.SentencePieceProcessor(model_proto=proto)
-            if sp.piece_to_id("<evi>") != sp.unk_id():
-                return cls(proto, {s: sp.piece_to_id(s) for s in NANO_SPECIAL})
-        return cls.phi3(path)
+        proto = cache_path.read_bytes()
+        sp = spm.SentencePieceProcessor(model_proto=proto)
+        return cls(proto, {s: sp.piece_to_id(s) for s in NANO_SPECIAL})  # the special tokens are pieces of it
 
     def encode(self, text):
         ids = []
@@ -188,6 +179,8 @@ class WordPiece:
         words = sorted({w for t in texts for w in basic_tokenize(t)})
         chars = sorted({c for w in words for c in w})
         tokens = dict.fromkeys(SPECIALS + words + chars + ["##" + c for c in chars])  # ordered, no duplicates
-        with open(vocab_file, "w", encoding="utf-8") as f:
+        tmp = f"{vocab_file}.{os.getpid()}.tmp"  # then renamed: another process never reads half a vocab
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write("".join(t + "\n" for t in tokens))
+        os.replace(tmp, vocab_file)
         return cls(vocab_file)

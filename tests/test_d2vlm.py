@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanod2vlm.data import collate
-from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of
+from nanod2vlm.model import CONFIGS, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of
 
 CFG = replace(CONFIGS["nano"], vocab_size=40, n_embd=32, n_layer=3, n_head=2, n_mlp=64, img_size=16, patch=8,
               vit_width=16, vit_layers=1, vit_heads=2, vit_mlp=32, qf_width=16, qf_layers=2, qf_heads=2, qf_mlp=32,
@@ -201,7 +201,7 @@ def test_frozen_weights_in_bf16_under_autocast():
     cfg = replace(CFG, lora_r=4, lora_alpha=8.0)
     model = D2VLM(cfg)
     add_lora(model.llm, cfg)
-    mark_trainable(model, extra=LORA_EXTRA)
+    mark_trainable(model)
     b = collate(SAMPLES, 0)
     score = lambda logits, sim, f_evi: logits.float().logsumexp(-1).mean() + sim.float().square().mean()
     want = score(*model(b)).item()

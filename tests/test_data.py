@@ -69,6 +69,31 @@ def test_a_single_interval_may_be_written_flat(tmp_path):
         read_annotations(p)
 
 
+def test_the_released_annotation_form_is_read_next_to_time_gt(tmp_path):
+    """ET-Instruct: `tgt` flat seconds, pair k for the k-th <evi> of both stages; `src` flat seconds, pair m for the
+    m-th <evi> of the question; a reversed pair flipped (as the official loader does); `task` kept."""
+    ours = record()
+    released = {k: v for k, v in ours.items() if k != "time_gt"} | dict(task="tal", tgt=[1.0, 2.0, 4.4, 3.5])
+    released["conversations"] = [{"from": "human", "value": "<image>\nWhat happens in <evi> and in <evi>?"},
+                                 ours["conversations"][1]]
+    released["src"] = [0, 1.5, 2, 5]
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps([released, ours]))
+    got = read_annotations(p)
+    assert got[0]["time_gt"] == ours["time_gt"] == got[1]["time_gt"]
+    assert got[0]["src"] == [[0, 1.5], [2, 5]] and got[0]["task"] == "tal" and "src" not in got[1]
+    bad = [released | dict(tgt=[1.0, 2.0, 3.5]), released | dict(src=[0, 1.5]), released | dict(src=[0, "1", 2, 5]),
+           released | dict(tgt=[1.0, 2.0])]
+    p.write_text(json.dumps(bad))
+    with pytest.raises(AnnotationError) as e:
+        read_annotations(p)
+    msg = str(e.value)
+    assert "4 malformed" in msg and "record 0: 'tgt' must be a flat list [s1, e1, s2, e2, ...]" in msg
+    assert "record 1: 'src' has 1 intervals but the human value has 2 <evi>" in msg
+    assert "record 2: 'src' must be a flat list" in msg
+    assert "record 3: time_gt.evidence_grounding has 1 intervals but the gpt value has 2 <evi> before </evi>" in msg
+
+
 def test_frame_targets_against_loop():
     times = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
     assert frame_targets(times, (1.5, 3.0)).tolist() == [0, 0, 1, 1, 0, 0]

@@ -1,7 +1,7 @@
 """The full-scale path (--hf_llm, --eva, --bert_vocab, --lora_r) end to end on tiny checkpoints in the real formats:
 an HF Phi3ForCausalLM folder with a sentencepiece tokenizer.model, a timm EVA (ViT-G family) in safetensors, a BERT
-vocab.txt. Loading is exact, only LoRA and the named extras train, the checkpoint holds only those, and sample.py
-rebuilds the same model from the recorded base paths. Also: the official E.T. Chat / D²VLM key map."""
+vocab.txt. Loading is exact, only LoRA and the released trained set train, the checkpoint holds only those, and
+sample.py rebuilds the same model from the recorded base paths (the official layouts: tests/test_checkpoint.py)."""
 import json
 import math
 
@@ -15,10 +15,10 @@ from safetensors.torch import load_file, save_file
 import sample
 import train
 from nanod2vlm.data import read_annotations, read_video
-from nanod2vlm.model import CONFIGS, D2VLM, etchat_rename
 from nanod2vlm.tokenizer import D2VLM_ADDED, PHI3_ADDED, WordPiece
 
-EXTRA = ("evi_head", "frm_head", "compressor", "embed_tokens", "lm_head")  # what train.py trains beside LoRA
+from test_checkpoint import released
+
 VIT_LAYERS = 1
 
 
@@ -62,9 +62,9 @@ def run(tiny_world, ckpts):
     args, _, _ = ckpts
     seen = {}
 
-    def spy(model, extra=()):
-        train_mark(model, extra)
-        seen.update(model=model, before={k: v.clone() for k, v in model.state_dict().items()}, extra=extra)
+    def spy(model):
+        train_mark(model)
+        seen.update(model=model, before={k: v.clone() for k, v in model.state_dict().items()})
     train_mark, mp = train.mark_trainable, pytest.MonkeyPatch()
     mp.setattr(train, "mark_trainable", spy)
     try:
@@ -88,12 +88,14 @@ def test_base_weights_load_exactly_from_the_checkpoints(ckpts, run):
     assert sorted(k for k in before if k.startswith("visual.")) == sorted("visual." + k for k in kept)
 
 
-def test_only_lora_and_the_extras_train(ckpts, run):
+def test_only_lora_the_released_set_and_the_random_compressor_train(ckpts, run):
+    """From raw Phi-3 there is no E.T. Chat compressor to start from: the random one trains whole, beside the
+    released set (test_checkpoint.py: from stage-2, the released set alone)."""
     _, llm, eva = ckpts
     model, before = run[1]["model"], run[1]["before"]
     trains = {n for n, p in model.named_parameters() if p.requires_grad}
     names = [n for n, _ in model.named_parameters()]
-    assert trains == {n for n in names if n.endswith(("lora_A", "lora_B")) or any(e in n for e in EXTRA)}
+    assert trains == {n for n in names if released(n) or n.startswith("compressor.")}
     assert {n.rsplit(".", 2)[-2] for n in trains if "lora_" in n} == {"qkv_proj", "o_proj"}
     after = model.state_dict()
     for k, v in after.items():
@@ -120,7 +122,7 @@ def test_checkpoint_holds_only_trained_tensors(run):
 def test_sample_rebuilds_the_trained_model_and_answers(tiny_world, run):
     out, seen = run
     model, tok, wp, state = sample.load_model(str(out))
-    assert state["train"]["hf_llm"].endswith("phi3") and state["train"]["eva"].endswith("eva.safetensors")
+    assert state["base"]["hf_llm"].endswith("phi3") and state["base"]["eva"].endswith("eva.safetensors")
     trained = seen["model"].state_dict()
     rebuilt = model.state_dict()
     assert sorted(rebuilt) == sorted(trained)
@@ -138,8 +140,9 @@ def test_sample_rebuilds_the_trained_model_and_answers(tiny_world, run):
         assert len(e["sim"]) == len(frames) and 0 <= e["span"][0] <= e["span"][1] < len(frames)
 
 
-def test_fpo_on_the_lora_run_trains_its_adapter(tiny_world, run):
-    """FPO from the LoRA SFT run: the checkpoint is an adapter again, with the same tensors, and LoRA moved."""
+def test_fpo_on_the_lora_run_trains_its_adapter(tiny_world, ckpts, run):
+    """FPO from the LoRA SFT run: the checkpoint is an adapter again, with the same tensors, and LoRA moved. The FPO
+    run keeps the SFT run's base: it loads on the same Phi-3 and ViT weights."""
     out, _ = run
     fpo = tiny_world / "run-fpo"
     train.main([f"--data={tiny_world}/world", f"--out={fpo}", "--stage=fpo", f"--init={out}", "--steps=2",
@@ -151,50 +154,10 @@ def test_fpo_on_the_lora_run_trains_its_adapter(tiny_world, run):
     assert set(after) == set(sft)  # an adapter again, the same tensors
     assert not torch.equal(after["llm.model.layers.0.self_attn.qkv_proj.lora_B"],
                            sft["llm.model.layers.0.self_attn.qkv_proj.lora_B"])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# official key names -> ours (facts from PolyU-ChenLab/ETBench etchat/model/*.py and nusnlp/d2vlm d2vlm/model/*.py)
-
-OFFICIAL = {
-    "model.embed_tokens.weight": "llm.model.embed_tokens.weight",
-    "model.layers.31.self_attn.qkv_proj.weight": "llm.model.layers.31.self_attn.qkv_proj.weight",
-    "model.layers.0.mlp.gate_up_proj.weight": "llm.model.layers.0.mlp.gate_up_proj.weight",
-    "model.norm.weight": "llm.model.norm.weight",
-    "lm_head.weight": "llm.lm_head.weight",
-    "model.vision_tower.vision_tower.pos_embed": "visual.pos_embed",
-    "model.vision_tower.vision_tower.patch_embed.proj.weight": "visual.patch_embed.proj.weight",
-    "model.vision_tower.vision_tower.blocks.38.attn.q_bias": "visual.blocks.38.attn.q_bias",
-    "model.qformer_bert.bert.embeddings.LayerNorm.weight": "compressor.qformer_bert.embeddings.layernorm.weight",
-    "model.qformer_bert.bert.embeddings.word_embeddings.weight":
-        "compressor.qformer_bert.embeddings.word_embeddings.weight",
-    "model.qformer_bert.bert.encoder.layer.1.attention.self.query.weight":
-        "compressor.qformer_bert.encoder.layer.1.attention.attention.query.weight",
-    "model.qformer_bert.bert.encoder.layer.10.crossattention.self.key.weight":
-        "compressor.qformer_bert.encoder.layer.10.crossattention.attention.key.weight",
-    "model.qformer_bert.bert.encoder.layer.0.attention.output.LayerNorm.bias":
-        "compressor.qformer_bert.encoder.layer.0.attention.output.LayerNorm.bias",
-    "model.qformer_bert.bert.encoder.layer.11.output_query.dense.weight":
-        "compressor.qformer_bert.encoder.layer.11.output_query.dense.weight",
-    "model.qformer_query": "compressor.qformer_query",
-    "model.qformer_ln.weight": "compressor.qformer_ln.weight",
-    "model.qformer_proj.bias": "compressor.qformer_proj.bias",
-    "model.qformer_v_proj.1.weight": "compressor.qformer_v_proj.1.weight",
-    "evi_head.3.weight": "evi_head.3.weight",
-    "frm_head.0.bias": "frm_head.0.bias",
-    # dropped
-    "model.qformer_bert.cls.predictions.decoder.weight": None,
-    "model.qformer_bert.bert.embeddings.position_ids": None,
-    "vid_head.1.weight": None,
-}
-
-
-def test_etchat_rename_maps_official_keys_onto_the_full_model():
-    with torch.device("meta"):
-        keys = set(D2VLM(CONFIGS["full"]).state_dict())
-    for official, ours in OFFICIAL.items():
-        assert etchat_rename(official) == ours, official
-        assert ours is None or ours in keys, ours
+    model = sample.load_model(str(fpo))[0].state_dict()
+    assert torch.equal(model["llm.model.layers.1.mlp.down_proj.weight"], ckpts[1]["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(model["visual.blocks.0.attn.qkv.weight"], ckpts[2]["blocks.0.attn.qkv.weight"])
+    assert torch.equal(model["llm.model.layers.0.self_attn.qkv_proj.lora_B"], after["llm.model.layers.0.self_attn.qkv_proj.lora_B"])
 
 
 def test_synth_llm_asks_phi3_through_our_sampler(tiny_world, ckpts, tmp_path, capsys):

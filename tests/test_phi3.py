@@ -3,6 +3,7 @@ import pytest
 import torch
 import transformers
 
+from nanod2vlm.checkpoint import load_phi3
 from nanod2vlm.model import CONFIGS, Config, Phi3, build_mask
 
 HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
@@ -19,7 +20,7 @@ def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(d, max_shard_size="40KB" if request.param == "sharded" else "1GB")
     assert (d / "model.safetensors.index.json").exists() == (request.param == "sharded")
-    ours = Phi3.from_pretrained(d, cfg=CFG, dtype=torch.float32).eval()
+    ours = load_phi3(d, CFG).eval()
     return hf, ours
 
 

@@ -52,8 +52,8 @@ def scripted(monkeypatch, script):
     """Make sample.load_model's model say `script(tok)` (a list of ids) whatever it sees, then <|end|>."""
     load = sample.load_model
 
-    def load_scripted(ckpt, dev="cpu"):
-        model, tok, wp, state = load(ckpt, dev)
+    def load_scripted(*args, **kw):
+        model, tok, wp, state = load(*args, **kw)
         ids, vocab = iter(script(tok)), model.llm.lm_head.weight.shape[0]
 
         def forced(x):  # only the logits: <evi> grounding still runs on the real hidden states

@@ -7,7 +7,8 @@ import transformers
 from safetensors.torch import save_file
 
 from nanod2vlm.model import CONFIGS
-from nanod2vlm.model import EVAViT, FrameCompressor, QFormer, eva_rename, load_safetensors_into
+from nanod2vlm.checkpoint import eva_rename, load_safetensors_into
+from nanod2vlm.model import EVAViT, FrameCompressor, QFormer
 
 
 def _randomize(module, std=0.2):
