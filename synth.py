@@ -212,7 +212,8 @@ def llm_distorter(hf_dir, max_new_tokens=64):
 
     def ask(chunk):
         ids = tok.encode(tok.chat(LLM_PROMPT.format(chunk=chunk)))
-        return tok.decode(llm.generate(ids, max_new_tokens, tok.end_id)).replace("<|end|>", "")
+        x = llm.model.embed_tokens(torch.tensor([ids]))
+        return tok.decode(llm.generate(x, max_new_tokens, tok.end_id)).replace("<|end|>", "")
     return ask
 
 

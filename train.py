@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
-from nanod2vlm.loss import L_cons, L_gnd, L_sft, fpo_loss, log_pi
+from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, cast_frozen, mark_trainable,
                              save_adapter, save_safetensors)
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
@@ -46,22 +46,19 @@ class Train:
     lora_lr: float = 5e-5
     warmup: float = 0.03
     weight_decay: float = 0.0
-    w_gnd: float = 10.0            # the official code's weight (Eq. 2 as printed: 1); grounds better in the nano run
-    w_cons: float = 1.0            # official code: 10; 0 = the "no consistency loss" ablation
-    soft_alpha: float = 0.0        # 0: hard 1/0 frame targets (paper); 2: official soft targets alpha^-d
-    beta: float = 0.1              # FPO
-    fpo_scope: str = "all"         # all: whole response (paper); event: the perturbed event only (official)
-    ref: bool = False              # FPO with the --init model as a frozen reference
+    w_gnd: float = 10.0            # the released weight (Eq. 2 as printed: 1)
+    w_cons: float = 1.0            # released: 10; 0 = the "no consistency loss" ablation
+    soft_alpha: float = 0.0        # 0: hard 1/0 frame targets (paper); 2: the released soft targets alpha^-d
+    beta: float = 0.1              # FPO (released; Eq. (4) as printed: 1)
     ckpt_every: int = 200
     vit_cache: bool = False        # cache the frozen ViT's features per video in {data}/cache (full scale: a must)
     compile: bool = False
     seed: int = 0
 
 
-# --stage=fpo defaults. Eq. (4) as written (--ref=false --fpo_scope=all) lowers the nano grounding avg F1 from 71.4 to
-# 70.9 (README, Tab. 5): summed log-probs favour the shorter side of a pair, so "delete" pairs teach extra events. A
-# frozen reference (DPO's correction) and the perturbed-event scope (official) remove that bias: 71.4 -> 73.7.
-FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size=8, ref=True, fpo_scope="event")
+# --stage=fpo defaults: the released objective (loss.fpo_step_loss: SFT terms 10/10 on the chosen response, beta 0.1,
+# soft targets, no reference model); steps, lr and batch are the nano run's.
+FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size=8, w_cons=10.0, soft_alpha=2.0)
 
 
 def parse(argv):
@@ -112,54 +109,6 @@ def batch_indices(g, n, bs, seed):
 
 def to(b, dev):
     return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-
-
-def cons_pairs(b):
-    """Index pairs (stage-1 <evi> k, stage-2 <evi> k) of the same sample, for Eq. (1)."""
-    key = b["evi_b"] * 4096 + b["evi_k"]
-    i1, i2 = (b["evi_stage"] == 1).nonzero()[:, 0], (b["evi_stage"] == 2).nonzero()[:, 0]
-    match = key[i2][:, None] == key[i1][None, :]
-    has = match.any(1)
-    return i1[match[has].float().argmax(1)], i2[has]
-
-
-def sft_loss(model, b, t):
-    logits, sim, f_evi = model(b)
-    valid = b["frm_valid"][b["evi_b"]]
-    l_sft, l_gnd = L_sft(logits, b["labels"]), L_gnd(sim, b["evi_y"], valid)
-    i1, i2 = cons_pairs(b)
-    l_cons = L_cons(f_evi[i1], f_evi[i2]) if len(i1) else sim.sum() * 0
-    loss = l_sft + t.w_gnd * l_gnd + t.w_cons * l_cons  # Eq. (2)
-    return loss, dict(sft=l_sft.item(), gnd=l_gnd.item(), cons=l_cons.item())
-
-
-def fpo_logp(model, b):
-    logits, sim, _ = model(b)
-    return log_pi(logits, b["labels"], sim, b["evi_y"], b["frm_valid"][b["evi_b"]], b["evi_b"], b["ids"].shape[0])
-
-
-def reference(model, weights):
-    """FPO's frozen reference: `model` run with `weights` (its trained parameters at --init) in place of its own,
-    without dropout; the frozen parameters are shared."""
-    def forward(b):
-        model.eval()
-        out = torch.func.functional_call(model, weights, (b,))
-        model.train()
-        return out
-    return forward
-
-
-def fpo_step_loss(model, ref, b, t):
-    """Eq. (4): chosen and rejected responses of the same pairs stacked in one batch (first half chosen)."""
-    logp = fpo_logp(model, b)
-    n = logp.shape[0] // 2
-    ref_w = ref_l = None
-    if ref is not None:
-        with torch.no_grad():
-            r = fpo_logp(ref, b)
-        ref_w, ref_l = r[:n], r[n:]
-    loss = fpo_loss(logp[:n], logp[n:], t.beta, ref_w, ref_l)
-    return loss, dict(fpo=loss.item(), margin=(logp[:n] - logp[n:]).mean().item())
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -230,39 +179,23 @@ def save_tokenizers(tok, wp, out):
 
 
 class PairDataset:
-    """FPO pairs from synth.py: pair i gives its chosen and its rejected sample (same video and question).
-    scope "event" scores only the perturbed events (official code); "all" the whole response (paper)."""
+    """FPO pairs from synth.py: pair i is one sample with two responses to the same video and question, the chosen
+    and the rejected one (they share the prompt pass)."""
 
-    def __init__(self, path, tok, q_tokenize, cache, scope="all", **video):
-        self.pairs, self.tok, self.scope = json.load(open(path)), tok, scope
+    def __init__(self, path, tok, q_tokenize, cache, **video):
+        pairs = json.load(open(path))
         side = lambda p, s: dict(video=p["video"], duration=p["duration"], task=p.get("task"), time_gt=p[s]["time_gt"],
                                  conversations=[dict(value=p["question"], **{"from": "human"}),
                                                 dict(value=p[s]["value"], **{"from": "gpt"})])
-        self.w, self.l = (VideoDataset(path, tok, q_tokenize, cache, records=[side(p, s) for p in self.pairs], **video)
-                          for s in ("chosen", "rejected"))
+        self.chosen, self.rejected = (VideoDataset(path, tok, q_tokenize, cache, records=[side(p, s) for p in pairs],
+                                                   exact=True, **video) for s in ("chosen", "rejected"))
 
     def __len__(self):
-        return len(self.w)
+        return len(self.chosen)
 
     def __getitem__(self, i):
-        w, l = self.w[i], self.l[i]
-        if self.scope == "event":
-            w, l = only_events(w, self.pairs[i]["events"]), only_events(l, self.pairs[i]["rejected_events"])
-        return w, l
-
-
-def only_events(s, events):
-    """Keep the labels and <evi> rows of these events: their <evi> in both stages and the stage-2 text from
-    each one's reference up to the next reference."""
-    keep_evi = torch.isin(s["evi_k"], torch.tensor(events, dtype=torch.long))
-    labels = torch.full_like(s["labels"], -100)
-    refs = s["evi_pos"][s["evi_stage"] == 2].tolist() + [len(s["labels"])]
-    for n in keep_evi.nonzero()[:, 0].tolist():
-        start = s["evi_pos"][n].item()
-        end = refs[refs.index(start) + 1] if s["evi_stage"][n] == 2 else start + 1
-        labels[start:end] = s["labels"][start:end]
-    evi = {k: v[keep_evi] for k, v in s.items() if k.startswith("evi_")}
-    return dict(s, labels=labels, **evi)
+        chosen, rejected = self.chosen[i], self.rejected[i]
+        return dict(chosen, responses=chosen["responses"] + rejected["responses"])
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -318,16 +251,10 @@ def main(argv):
                 synth.main([os.path.join(t.data, "train.json"), train_json, f"--seed={t.seed}"])
             if ddp:
                 dist.barrier()
-        ds = PairDataset(train_json, tok, wp.encode, cache, t.fpo_scope, **video)
+        ds = PairDataset(train_json, tok, wp.encode, cache, **video)
     model.to(dev)
     if dev != "cpu":  # Phi-3's frozen weights in bf16 (the ViT keeps fp32); everything runs under bf16 autocast there
         cast_frozen(model.llm, torch.bfloat16)
-    ref = None
-    if t.stage == "fpo" and t.ref:  # DPO's frozen reference, the --init model (Eq. (4) as written has none): only its
-        # trained weights are kept on the device; the frozen rest (Phi-3, the ViT) is shared, not a second copy
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        ref = reference(model, {n: p.detach().to(dev) for n, p in load_model(t.init)[0].named_parameters()
-                                if n in trained})
     params = [p for p in model.parameters() if p.requires_grad]
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -357,14 +284,15 @@ def main(argv):
         for micro in range(t.grad_accum):
             gidx = (step * t.grad_accum + micro) * world + rank
             idx = batch_indices(gidx, len(ds), t.batch_size, t.seed)
-            items = [ds[i] for i in idx]
-            if t.stage == "fpo":  # chosen responses first, then the rejected ones
-                items = [w for w, _ in items] + [l for _, l in items]
-            b = to(collate(items, tok.pad_id), dev)
+            b = to(collate([ds[i] for i in idx], tok.pad_id), dev)
             with amp(dev):
-                loss, parts = sft_loss(fwd, b, t) if t.stage == "sft" else fpo_step_loss(fwd, ref, b, t)
+                out = fwd(b)
+                if t.stage == "sft":
+                    loss, parts = sft_loss(*out, b, t.w_gnd, t.w_cons)
+                else:
+                    loss, parts = fpo_step_loss(*out, b, t.beta, t.w_gnd, t.w_cons)
             (loss / t.grad_accum).backward()
-            ntok += int(b["valid"].sum()) * world
+            ntok += int(b["valid"].sum() + b["resp_valid"].sum()) * world
             for k, v in dict(loss=loss.item(), **parts).items():
                 logs[k] = logs.get(k, 0.0) + v / t.grad_accum
         if ddp:  # average gradients and logged losses over processes: what DistributedDataParallel does

@@ -23,12 +23,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nanod2vlm.data import read_video
+from nanod2vlm.data import collate, read_video
 from nanod2vlm.loss import L_gnd, L_sft
 from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, Block, Config, KVCache, Phi3, add_lora, build_mask, cast_frozen, \
     head, mark_trainable, rope_cos_sin, span_of
 
 ROWS = []  # (name, value, unit, target, PASS/FAIL or "")
+
+
+def lm_loss(llm, x, pos, mask, ids):
+    """Next-token loss of a Phi-3 forward, as transformers computes it with labels=ids."""
+    return L_sft(llm.lm_head(llm(x, pos, mask)[0])[:, :-1], ids[:, 1:])
 
 
 def row(name, value, unit="", target=None, ok=None):
@@ -95,7 +100,7 @@ def bench_cpu(args):
         ours = Phi3.from_pretrained(d, cfg, dtype=torch.float32)
     hf.eval(), ours.eval()
     prompt = torch.randint(3, cfg.vocab_size, (1, P))
-    gen_ours = lambda: ours.generate(prompt[0].tolist(), N)
+    gen_ours = lambda: ours.generate(ours.model.embed_tokens(prompt), N)
     gen_hf = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=N,
                                  min_new_tokens=N, pad_token_id=0)[0, P:].tolist()
     same = gen_ours() == gen_hf()
@@ -108,7 +113,7 @@ def bench_cpu(args):
     theirs, ours, opt_theirs, opt_ours = lora_pair(hf, ours, cfg)
     ids, pos = torch.randint(3, cfg.vocab_size, (B, L)), torch.arange(L).expand(B, L)
     mask = build_mask(torch.ones(B, L, dtype=torch.bool))
-    loss_ours = lambda: L_sft(ours(ours.model.embed_tokens(ids), pos, mask)[0], ids)
+    loss_ours = lambda: lm_loss(ours, ours.model.embed_tokens(ids), pos, mask, ids)
     loss_theirs = lambda: theirs(input_ids=ids, labels=ids).loss
     with torch.no_grad():
         diff = (loss_ours() - loss_theirs()).abs().item()
@@ -200,22 +205,23 @@ def bench_gpu(args, dev="cuda"):
     mark_trainable(model, extra=LORA_EXTRA)
     cast_frozen(model.llm, torch.bfloat16)
     amp = lambda: torch.autocast(dev, torch.bfloat16)
-    n, P = T + L, (cfg.img_size // cfg.patch) ** 2
-    ids = torch.randint(10, cfg.vocab_size, (1, n), device=dev)
-    ids[0, 8:8 + T] = cfg.image_id
-    frm, valid, E = ids == cfg.image_id, torch.ones_like(ids, dtype=torch.bool), 4  # E <evi> tokens
-    evi_pos = 9 + T + torch.arange(E, device=dev) * ((L - 10) // E)
-    ids[0, evi_pos] = cfg.evi_id
-    with torch.device(dev):  # a collate-format batch (nanod2vlm/data.py) with cached ViT features as `frames`
-        b = dict(ids=ids, valid=valid, labels=ids, frames=torch.randn(1, T, P, cfg.vit_width, dtype=torch.bfloat16),
-                 frm_valid=torch.ones(1, T, dtype=torch.bool), q_ids=torch.randint(1, 100, (1, 16)),
-                 q_valid=torch.ones(1, 16, dtype=torch.bool), evi_b=torch.zeros(E, dtype=torch.long),
-                 evi_pos=evi_pos, evi_span=torch.tensor([[T // 4, T // 2]] * E), evi_y=torch.rand(E, T))
+    n, P, E = T + L, (cfg.img_size // cfg.patch) ** 2, 4  # E <evi> tokens in the response
+    prompt = torch.randint(10, cfg.vocab_size, (T + 16,))
+    prompt[8:8 + T] = cfg.image_id
+    resp = torch.randint(10, cfg.vocab_size, (L - 16,))
+    evi_pos = torch.arange(E) * ((L - 16) // E)
+    resp[evi_pos] = cfg.evi_id
+    span = torch.tensor([[T // 4, T // 2]] * E)
+    sample = dict(ids=prompt, frames=torch.randn(T, P, cfg.vit_width, dtype=torch.bfloat16), times=torch.arange(T * 1.0),
+                  q_ids=torch.randint(1, 100, (16,)), src_pos=torch.zeros(0, dtype=torch.long), src_span=torch.zeros(0, 2),
+                  responses=[dict(resp=resp, evi_pos=evi_pos, evi_stage=torch.tensor([1, 1, 2, 2]),
+                                  evi_k=torch.tensor([0, 1, 0, 1]), evi_span=span, evi_y=torch.rand(E, T))], meta={})
+    b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in collate([sample], 0).items()}  # cached ViT features
 
     def loss_model():
         with amp():
             logits, sim, _ = model(b)
-            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], b["frm_valid"][b["evi_b"]])
+            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], b["frm_valid"][b["resp_b"][b["evi_b"]]])
     step_model = step_fn(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), loss_model)
     flops = count_flops(step_model)
     if dev == "cuda":
@@ -239,12 +245,14 @@ def bench_gpu(args, dev="cuda"):
     cast_frozen(ours, torch.bfloat16)  # now also the embeddings and lm_head, frozen as in peft
     if dev == "cuda":
         ours.compile(), theirs.compile()
+    ids = torch.cat([b["ids"], b["resp"]], 1)
+    valid, frm = torch.ones_like(ids, dtype=torch.bool), ids == cfg.image_id
     x, mask = torch.randn(1, n, cfg.n_embd, device=dev, dtype=torch.bfloat16), build_mask(valid, frm)
     pos = torch.arange(n, device=dev)[None]
 
     def loss_ours():
         with amp():
-            return L_sft(ours(x, pos, mask)[0], ids)
+            return lm_loss(ours, x, pos, mask, ids)
 
     def loss_theirs():
         with amp():

@@ -12,7 +12,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 import av
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -177,39 +179,42 @@ def _check_record(r):
 
 
 def frame_span(times, interval):
-    """Inclusive frame-index range [a, b] of the frames whose times lie in interval [s, e]; if none does, the
-    single nearest frame."""
-    s, e = interval
-    inside = ((times >= s) & (times <= e)).nonzero().flatten()
-    if len(inside):
-        return inside[0].item(), inside[-1].item()
-    j = torch.maximum(s - times, times - e).argmin().item()
-    return j, j
+    """Inclusive frame-index range [a, b] of interval [s, e] in seconds: each end rounded to the nearest frame
+    (Python round, half to even), clamped, and ordered, as the released code does at 1 fps, where seconds are frame
+    indices; here the frames' real times define the frame axis, so subsampled or variable-rate videos map too."""
+    axis = torch.arange(len(times), dtype=torch.float64)
+    a, b = (round(float(np.interp(v, times.double().numpy(), axis.numpy()))) for v in interval)
+    return min(a, b), max(a, b)
 
 
-def frame_targets(times, interval, alpha=None):
+def frame_targets(times, interval, alpha=None, exact=False):
     """Frame target y (T,) of one <evi> (Eq. 3 / Eq. 6): 1 on the interval's frames, 0 elsewhere (paper); with
-    `alpha`, the official code's soft target alpha^-d, d = distance in frames to the interval (alpha = 2)."""
-    a, b = frame_span(times, interval)
-    j = torch.arange(len(times))
+    `alpha`, the released code's soft target alpha^-d, d = distance in frames to the interval (alpha = 2). exact: d
+    from the interval's unrounded ends (the released FPO targets are not rounded to frames)."""
+    j = torch.arange(len(times), dtype=torch.float64)
+    if exact:
+        axis = times.double().numpy()
+        a, b = sorted(float(np.interp(v, axis, j.numpy())) for v in interval)
+    else:
+        a, b = frame_span(times, interval)
     d = (a - j).clamp(min=0) + (j - b).clamp(min=0)
-    return (d == 0).float() if alpha is None else float(alpha) ** -d.float()
+    return (d == 0).float() if alpha is None else (float(alpha) ** -d).float()
 
 # -----------------------------------------------------------------------------
 # dataset and collate
 
 
 class VideoDataset(Dataset):
-    """One tokenised SFT sample per annotation record (SPEC §6); videos are resolved relative to the file.
-    `records` replaces the file's own records (FPO builds its chosen and rejected sides this way)."""
+    """One tokenised SFT sample per annotation record; videos are resolved relative to the file. `records` replaces
+    the file's own records. exact: soft targets from unrounded interval ends (FPO's)."""
 
     def __init__(self, ann_path, tok, q_tokenize, cache=None, fps=1.0, size=224, max_frames=350, alpha=None,
-                 encode=None, tag="", records=None):
+                 encode=None, tag="", records=None, exact=False):
         self.root = Path(ann_path).parent
         self.records = read_annotations(ann_path) if records is None else records
         self.tok, self.q_tokenize, self.cache = tok, q_tokenize, cache or FrameCache()
         self.video = dict(fps=fps, size=size, max_frames=max_frames, encode=encode, tag=tag)
-        self.alpha = alpha
+        self.alpha, self.exact = alpha, exact
 
     def __len__(self):
         return len(self.records)
@@ -217,30 +222,30 @@ class VideoDataset(Dataset):
     def __getitem__(self, i):
         r, tok = self.records[i], self.tok
         x, times = self.cache.get(self.root / r["video"], **self.video)
-        frames = x if self.video["encode"] else normalize(x)
         turns = {c["from"]: c["value"] for c in r["conversations"]}
-        question, answer = turns["human"], turns["gpt"]
-        prompt = tok.encode(tok.chat(question))
+        prompt = tok.encode(tok.chat(turns["human"]))
         j = prompt.index(tok.image_id)
-        prompt = prompt[:j] + [tok.image_id] * len(times) + prompt[j + 1:]  # one placeholder per frame
-        response = tok.encode(answer + "<|end|>")  # encoded apart so the prompt is exactly the generation prompt
-        ids = torch.tensor(prompt + response)
-        labels = torch.full_like(ids, -100)
-        labels[len(prompt):] = ids[len(prompt):]
-        # the k-th <evi> of each stage refers to the k-th interval (read_annotations checked the counts)
-        evi_pos = (labels == tok.evi_id).nonzero().flatten()
-        gt = r.get("time_gt", {})
+        prompt = torch.tensor(prompt[:j] + [tok.image_id] * len(times) + prompt[j + 1:])  # one placeholder per frame
+        src_pos = (prompt == tok.evi_id).nonzero().flatten()  # question-side <evi> (they follow the video)
+        src = r.get("src", [])
+        question = turns["human"].replace("<image>\n", "").replace("<image>", "")
+        return dict(ids=prompt, frames=x if self.video["encode"] else normalize(x), times=times,
+                    q_ids=torch.tensor(self.q_tokenize(question)), src_pos=src_pos[:len(src)],
+                    src_span=torch.tensor([frame_span(times, s) for s in src], dtype=torch.long).view(-1, 2),
+                    responses=[self.response(turns["gpt"], r.get("time_gt", {}), times)], meta=r)
+
+    def response(self, answer, gt, times):
+        """The response's ids (<|end|> included) and its <evi>: the k-th of each stage refers to the k-th interval."""
+        resp = torch.tensor(self.tok.encode(answer + "<|end|>"))  # apart from the prompt: the generation prompt
         eg, ir = gt.get("evidence_grounding", []), gt.get("interleaved_response", [])
         spans = eg + ir
-        assert len(evi_pos) == len(spans)
-        evi_stage = torch.tensor([1] * len(eg) + [2] * len(ir), dtype=torch.long)
-        evi_k = torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long)
-        question = question.replace("<image>\n", "").replace("<image>", "")
-        return dict(ids=ids, labels=labels, frames=frames, times=times, q_ids=torch.tensor(self.q_tokenize(question)),
-                    evi_pos=evi_pos, evi_stage=evi_stage, evi_k=evi_k,
+        evi_pos = (resp == self.tok.evi_id).nonzero().flatten()
+        assert len(evi_pos) == len(spans)  # read_annotations checked the counts
+        y = [frame_targets(times, s, self.alpha, self.exact) for s in spans]
+        return dict(resp=resp, evi_pos=evi_pos, evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
+                    evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),
                     evi_span=torch.tensor([frame_span(times, s) for s in spans], dtype=torch.long).view(-1, 2),
-                    evi_y=torch.stack([frame_targets(times, s, self.alpha) for s in spans]) if spans
-                    else torch.zeros(0, len(times)), meta=r)
+                    evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
 
 
 def ablate(rec, cfg):
@@ -260,33 +265,39 @@ def ablate(rec, cfg):
 
 
 def collate(samples, pad_id):
-    """List of samples -> the batch dict of the contract (right-padded; <evi> entries flattened over the batch)."""
+    """Samples -> the batch the model and the losses read (right-padded). A sample has one prompt and one response
+    (SFT) or two (FPO: chosen, rejected); responses are ordered by their index in the sample, then by sample.
+      prompts:    ids, valid (B, P); frames (B, T, 3, S, S) or ViT features (B, T, P', W); frm_valid, times (B, T);
+                  q_ids, q_valid (B, Lq), the question for the compressor; src_b, src_pos, src_span (M,), (M,),
+                  (M, 2): each question-side <evi>'s sample, position and frame span
+      responses:  resp, resp_valid, labels (N, R) (-100 on padding); resp_b (N,), the prompt row of each
+      <evi>:      evi_b (K,), its response row; evi_pos (K,), its position in the response; evi_stage (1 or 2),
+                  evi_k (k-th of its stage), evi_span (K, 2) inclusive frames, evi_y (K, T) frame targets"""
     B = len(samples)
-    L = max(len(s["ids"]) for s in samples)
     T = max(len(s["times"]) for s in samples)
-    Lq = max(len(s["q_ids"]) for s in samples)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    labels = torch.full((B, L), -100, dtype=torch.long)
-    valid = torch.zeros(B, L, dtype=torch.bool)
+    pad = lambda xs, v=0: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=v)  # noqa: E731
+    n_resp = len(samples[0]["responses"])
+    resps = [(b, s["responses"][k]) for k in range(n_resp) for b, s in enumerate(samples)]
+    valid = pad([torch.ones(len(s["ids"]), dtype=torch.bool) for s in samples], False)
     frames = samples[0]["frames"].new_zeros(B, T, *samples[0]["frames"].shape[1:])
-    frm_valid = torch.zeros(B, T, dtype=torch.bool)
-    times = torch.zeros(B, T)
-    q_ids = torch.zeros(B, Lq, dtype=torch.long)
-    q_valid = torch.zeros(B, Lq, dtype=torch.bool)
     for b, s in enumerate(samples):
-        n, t, q = len(s["ids"]), len(s["times"]), len(s["q_ids"])
-        ids[b, :n], labels[b, :n], valid[b, :n] = s["ids"], s["labels"], True
-        frames[b, :t], frm_valid[b, :t], times[b, :t] = s["frames"], True, s["times"]
-        q_ids[b, :q], q_valid[b, :q] = s["q_ids"], True
-    evi_y = [torch.nn.functional.pad(s["evi_y"], (0, T - s["evi_y"].shape[1])) for s in samples]
-    return dict(ids=ids, valid=valid, labels=labels, frames=frames, frm_valid=frm_valid, times=times,
-                q_ids=q_ids, q_valid=q_valid,
-                evi_b=torch.cat([torch.full_like(s["evi_pos"], b) for b, s in enumerate(samples)]),
-                evi_pos=torch.cat([s["evi_pos"] for s in samples]),
-                evi_stage=torch.cat([s["evi_stage"] for s in samples]),
-                evi_k=torch.cat([s["evi_k"] for s in samples]),
-                evi_span=torch.cat([s["evi_span"] for s in samples]),
-                evi_y=torch.cat(evi_y), meta=[s["meta"] for s in samples])
+        frames[b, :len(s["times"])] = s["frames"]
+    resp = pad([x["resp"] for _, x in resps], pad_id)
+    resp_valid = pad([torch.ones(len(x["resp"]), dtype=torch.bool) for _, x in resps], False)
+    cat = lambda key, xs: torch.cat([x[key] for x in xs])  # noqa: E731
+    return dict(ids=pad([s["ids"] for s in samples], pad_id), valid=valid, frames=frames,
+                frm_valid=pad([torch.ones(len(s["times"]), dtype=torch.bool) for s in samples], False),
+                times=pad([s["times"] for s in samples]), q_ids=pad([s["q_ids"] for s in samples]),
+                q_valid=pad([torch.ones(len(s["q_ids"]), dtype=torch.bool) for s in samples], False),
+                src_b=torch.cat([torch.full_like(s["src_pos"], b) for b, s in enumerate(samples)]),
+                src_pos=cat("src_pos", samples), src_span=cat("src_span", samples).view(-1, 2),
+                resp=resp, resp_valid=resp_valid, labels=resp.masked_fill(~resp_valid, -100),
+                resp_b=torch.tensor([b for b, _ in resps]),
+                evi_b=torch.cat([torch.full_like(x["evi_pos"], n) for n, (_, x) in enumerate(resps)]),
+                evi_pos=cat("evi_pos", [x for _, x in resps]), evi_stage=cat("evi_stage", [x for _, x in resps]),
+                evi_k=cat("evi_k", [x for _, x in resps]), evi_span=cat("evi_span", [x for _, x in resps]).view(-1, 2),
+                evi_y=torch.cat([F.pad(x["evi_y"], (0, T - x["evi_y"].shape[1])) for _, x in resps]),
+                meta=[s["meta"] for s in samples])
 
 # -----------------------------------------------------------------------------
 # per-video cache

@@ -1,9 +1,9 @@
 """Losses of D²VLM: supervised fine-tuning (Eq. 1-3) and factorized preference optimization (Eq. 4-7).
 
-Pure functions on tensors the model produces for a batch (see the batch format in nanod2vlm/data.py):
-`sim` (N, T) are <evi>-frame similarity logits, `y` (N, T) frame targets in [0, 1], `valid` (N, T) the real
-frames of each <evi>'s video. Reductions run in at least float32 (bf16 log-probs summed over hundreds of
-tokens and frames would lose the preference margin).
+Pure functions of what D2VLM.forward returns for a batch of data.collate: logits (N, R, vocab) where logits[n, j]
+predicts response token j (labels (N, R), -100 on padding), `sim` (K, T) the <evi>-frame similarity logits, `y`
+(K, T) frame targets in [0, 1], `valid` (K, T) the real frames of each <evi>'s video. Reductions run in at least
+float32 (bf16 log-probs summed over hundreds of tokens and frames would lose the preference margin).
 """
 import torch
 import torch.nn.functional as F
@@ -14,17 +14,17 @@ def _f32(x):
 
 
 # -----------------------------------------------------------------------------
-# SFT: L = L_sft + L_gnd + L_cons, Eq. (2) (train.py weights the last two)
+# SFT: L = L_sft + L_gnd + L_cons, Eq. (2)
 
 def L_sft(logits, labels):
-    """Next-token cross-entropy over the supervised response tokens (labels are -100 elsewhere)."""
-    return F.cross_entropy(_f32(logits[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    """Next-token cross-entropy over the response tokens (<evi>, </evi> and the final <|end|> included)."""
+    return F.cross_entropy(_f32(logits).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 def L_gnd(sim, y, valid):
     """Grounding loss: BCE(y, sim) averaged over the valid frames of each <evi>, then over all <evi> tokens
-    of both stages. The paper uses hard 1/0 targets; the official code a soft alpha^-d target (that comes
-    in through y from the data) with loss weight 10 (a train.py flag)."""
+    of both stages. The paper uses hard 1/0 targets; the released code a soft alpha^-d target (that comes
+    in through y from the data)."""
     if sim.shape[0] == 0:
         return sim.sum()  # no <evi> in the batch: a zero that keeps the graph
     bce = F.binary_cross_entropy_with_logits(_f32(sim), _f32(y), reduction="none")
@@ -34,39 +34,68 @@ def L_gnd(sim, y, valid):
 
 def L_cons(f1, f2):
     """Consistency between the k-th <evi> head output of stage 1 and of stage 2, f1/f2 (K, C): mean absolute
-    difference over k and channels (official weight 10, a train.py flag)."""
+    difference over k and channels."""
     return (_f32(f1) - _f32(f2)).abs().mean()  # Eq. (1)
+
+
+def cons_pairs(b):
+    """Index pairs (stage-1 <evi> k, stage-2 <evi> k) of the same response, for Eq. (1)."""
+    key = b["evi_b"] * 4096 + b["evi_k"]
+    i1, i2 = (b["evi_stage"] == 1).nonzero()[:, 0], (b["evi_stage"] == 2).nonzero()[:, 0]
+    match = key[i2][:, None] == key[i1][None, :]
+    has = match.any(1)
+    return i1[match[has].float().argmax(1)], i2[has]
+
+
+def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None):
+    """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the responses `rows` (default: all) ->
+    (loss, parts)."""
+    keep = torch.ones(len(b["evi_b"]), dtype=torch.bool, device=sim.device) if rows is None else b["evi_b"] < rows
+    logits, labels = (logits, b["labels"]) if rows is None else (logits[:rows], b["labels"][:rows])
+    sel = {k: b[k][keep] for k in ("evi_b", "evi_k", "evi_stage")}
+    valid = b["frm_valid"][b["resp_b"][b["evi_b"]]][keep]
+    l_sft = L_sft(logits, labels)
+    l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid)
+    i1, i2 = cons_pairs(sel)
+    f = f_evi[keep]
+    l_cons = L_cons(f[i1], f[i2]) if len(i1) else sim.sum() * 0
+    loss = l_sft + w_gnd * l_gnd + w_cons * l_cons  # Eq. (2)
+    return loss, dict(sft=l_sft.item(), gnd=l_gnd.item(), cons=l_cons.item())
 
 
 # -----------------------------------------------------------------------------
 # FPO: preference over both the text tokens and the <evi> grounding, Eq. (4)-(7)
 
 def log_p_g(sim, y, valid):
-    """log of the interval-level grounding probability of each <evi>: a product over frames of sigmoid(sim)
-    inside the interval and 1 - sigmoid(sim) outside, in log space (finite for any sim). Soft y interpolates
-    the two factors the way BCE does. -> (N,)"""
-    sim, y = _f32(sim), _f32(y)
-    logp = y * F.logsigmoid(sim) + (1 - y) * F.logsigmoid(-sim)  # Eq. (6), 1 - sigmoid(s) = sigmoid(-s)
+    """log of the interval-level grounding probability of each <evi> in the released form:
+    sum_t log(y sigmoid(sim) + (1 - y)(1 - sigmoid(sim)) + 1e-10). With hard y it is the log of the paper's product of
+    sigmoid(sim) inside the interval and 1 - sigmoid(sim) outside; soft y mixes the two probabilities. -> (K,)"""
+    p = torch.sigmoid(_f32(sim))
+    y = _f32(y)
+    logp = torch.log(y * p + (1 - y) * (1 - p) + 1e-10)  # Eq. (6)
     return torch.where(valid, logp, 0).sum(-1)
 
 
-def log_pi(logits, labels, sim, y, valid, evi_b, B):
-    """log pi(R) per sample -> (B,): summed (not averaged) log-probs of the supervised tokens plus log p_g of
-    each of the sample's <evi>. To score only a perturbed event (as the official code does), pass labels that
-    are -100 outside that event and only that event's <evi> rows of sim/y/valid/evi_b."""
-    tok = -F.cross_entropy(_f32(logits[:, :-1]).transpose(1, 2), labels[:, 1:], ignore_index=-100,
-                           reduction="none")  # (B, L-1), 0 where ignored
+def log_pi(logits, labels, sim, y, valid, evi_b):
+    """log pi(R) per response -> (N,): summed (not averaged) log-probs of every response token plus log p_g of each
+    of its <evi>, both stages."""
+    tok = -F.cross_entropy(_f32(logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (N, R)
     lp_g = log_p_g(sim, y, valid)
-    return tok.sum(1) + lp_g.new_zeros(B).index_add(0, evi_b, lp_g)  # Eq. (7) = Eq. (5) + sum of Eq. (6)
+    return tok.sum(1) + lp_g.new_zeros(len(labels)).index_add(0, evi_b, lp_g)  # Eq. (7) = Eq. (5) + sum of Eq. (6)
 
 
-def fpo_loss(logp_chosen, logp_rejected, beta=0.1, ref_chosen=None, ref_rejected=None):
-    """-log sigmoid(beta * (log pi(R) - log pi(R_bar))), averaged over pairs.
+def fpo_loss(logp_chosen, logp_rejected, beta=0.1):
+    """-log sigmoid(beta * (log pi(R) - log pi(R_bar))), averaged over pairs. The paper's Eq. (4) has no beta
+    (beta = 1); the released code uses beta = 0.1. Neither has a reference model."""
+    return -F.logsigmoid(beta * (logp_chosen - logp_rejected)).mean()  # Eq. (4)
 
-    The paper's Eq. (4) has no beta (beta = 1) and no reference model; the official code uses beta = 0.1
-    (our default: summed log-probs over many tokens and frames saturate the sigmoid at beta = 1), also
-    without a reference model. Passing ref_* log-probs of a frozen copy gives the DPO form."""
-    delta = logp_chosen - logp_rejected
-    if ref_chosen is not None:
-        delta = delta - (ref_chosen - ref_rejected)
-    return -F.logsigmoid(beta * delta).mean()  # Eq. (4)
+
+def fpo_step_loss(logits, sim, f_evi, b, beta=0.1, w_gnd=10.0, w_cons=10.0):
+    """The released FPO objective: Eq. (2)'s SFT terms on the chosen responses (the first half of the batch) plus
+    Eq. (4) over the whole chosen and rejected responses -> (loss, parts)."""
+    n = len(b["labels"]) // 2
+    valid = b["frm_valid"][b["resp_b"][b["evi_b"]]]
+    logp = log_pi(logits, b["labels"], sim, b["evi_y"], valid, b["evi_b"])
+    pref = fpo_loss(logp[:n], logp[n:], beta)
+    sft, parts = sft_loss(logits, sim, f_evi, b, w_gnd, w_cons, rows=n)
+    return sft + pref, dict(parts, fpo=pref.item(), margin=(logp[:n] - logp[n:]).mean().item())

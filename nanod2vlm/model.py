@@ -49,8 +49,10 @@ class Config:
     lora_dropout: float = 0.0
     lora_targets: tuple = ("qkv_proj", "o_proj")
     # <evi> mechanism
-    evi_layer: int = -2        # block whose output feeds evi_head/frm_head: -2, the one before the last (official code;
-                               # the paper does not say; nano held-out R@1 IoU0.5 90.0 vs 85.0 with -1, the last)
+    # Layers are numbered as HF's hidden_states: 0 = the input embeddings, i = the output of block i, -2 = the block
+    # before the last (the paper names neither layer; these are the released code's).
+    evi_layer: int = -2        # the states evi_head and frm_head read (released: hidden_states[-2])
+    capture_layer: int = 1     # visual semantic capture pools these frame states, F~_V (released: 6 of 32; nano: README)
     evi_threshold: float = 0.6 # inference: salient frames have sigmoid(sim) >= 0.6 * max
     evi_capture: bool = True   # visual semantic capture: <evi> input += mean of its frames (Tab. 6 ablation: off)
     evi_unit: str = "event"    # "frame": an <evi> per boundary frame, as earlier grounding tokens (Tab. 6 ablation)
@@ -71,7 +73,7 @@ CONFIGS = {
         vocab_size=32064, n_embd=3072, n_layer=32, n_head=32, n_mlp=8192,
         img_size=224, patch=14, vit_width=1408, vit_layers=39, vit_heads=16, vit_mlp=6144,
         qf_width=768, qf_layers=12, qf_heads=12, qf_mlp=3072, qf_queries=32, qf_vocab=30523,
-        lora_r=128, lora_alpha=256.0, lora_dropout=0.05),
+        lora_r=128, lora_alpha=256.0, lora_dropout=0.05, capture_layer=6),
 }
 
 
@@ -435,6 +437,22 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class PromptCache:
+    """Training's cache: each layer's prompt keys/values as computed, in the autograd graph, so the response pass
+    attends over them (and the prompt's gradients flow back through them). `rows` picks, for each response, the
+    prompt it answers (FPO: a chosen and a rejected response share one prompt pass)."""
+
+    def __init__(self):
+        self.kv, self.n = {}, 0
+
+    def update(self, layer, k, v):
+        if layer not in self.kv:  # the prompt pass stores
+            self.kv[layer] = (k, v)
+            return k, v
+        pk, pv = self.kv[layer]  # the response pass appends its own keys/values to the prompt's
+        return torch.cat([pk[self.rows], k], 2), torch.cat([pv[self.rows], v], 2)
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -460,21 +478,21 @@ class Phi3(nn.Module):
             norm=RMSNorm(cfg.n_embd, cfg.rms_eps)))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def forward(self, x, pos, mask, cache=None, hidden_layer=-1):
+    def forward(self, x, pos, mask, cache=None, keep=()):
         """x (B, L, C) input embeddings (the caller embeds ids and may edit them); pos (B, L) long RoPE
         positions; mask (B, 1, L, Lk) bool (see build_mask), or None to let every query see every key (a decode
-        step over an unpadded cache: no mask to build, and the faster SDPA path); cache: KVCache or None.
-        Returns logits (B, L, vocab) and h (B, L, C), the output of block `hidden_layer` (-1: last block,
-        before the final norm; -2: the block before, HF hidden_states[-2] as the official code reads it)."""
+        step over an unpadded cache: no mask to build, and the faster SDPA path); cache: KVCache, PromptCache or
+        None. Returns the final-norm output (B, L, C) (logits = lm_head of it, where they are needed) and the
+        hidden states named by `keep`, numbered as HF's hidden_states (0: the input, i: the output of block i)."""
         cos, sin = rope_cos_sin(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
-        keep = hidden_layer % self.cfg.n_layer
+        keep = [i % (self.cfg.n_layer + 1) for i in keep]
+        hs = {0: x}
         for layer, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, layer)
-            if layer == keep:
-                h = x
+            hs[layer + 1] = x
         if cache is not None:
             cache.n += x.size(1)
-        return self.lm_head(self.model.norm(x)), h
+        return self.model.norm(x), [hs[i] for i in keep]
 
     def new_cache(self, B, max_len, dtype=None, device=None):
         w = self.lm_head.weight
@@ -482,20 +500,38 @@ class Phi3(nn.Module):
         return KVCache(c.n_layer, B, c.n_head, max_len, c.n_embd // c.n_head, dtype or w.dtype, device or w.device)
 
     @torch.no_grad()
-    def generate(self, ids, max_new_tokens, end_id=None):
-        """Greedy text-only decoding of one prompt (a list of ids) with the KV cache -> the new ids, up to and
-        including end_id. (synth.py --llm asks Phi-3 this way; D2VLM.generate is the same loop plus <evi>.)"""
-        emb, dev, L = self.model.embed_tokens, self.lm_head.weight.device, len(ids)
-        cache = self.new_cache(1, L + max_new_tokens)
-        logits, _ = self(emb(torch.tensor([ids], device=dev)), torch.arange(L, device=dev)[None],
-                         build_mask(torch.ones(1, L, dtype=torch.bool, device=dev)), cache)
-        out = []
+    def generate(self, x, max_new_tokens, end_id=None, frm=None, keep=(), embed=None, temperature=0.0, seed=0,
+                 penalty=1.0, seen=(), exempt=()):
+        """The one decode loop (text-only Phi-3 for synth.py --llm, and D2VLM): prefill the prompt's input embeddings
+        x (1, L, C) (frame positions frm (1, L) see each other both ways) into a KV cache, then one token at a time -> the new ids, up to and including end_id.
+        Greedy, or sampled at `temperature`. penalty: HF's repetition penalty (a logit < 0 is multiplied by it, else
+        divided, once per id) on the ids in `seen` and on every generated id but those in `exempt`.
+        embed(token, hs) -> the token's next input (1, 1, C), given the kept states `hs` of the forward that
+        predicted it (the whole prompt for the first token); default: the token's embedding."""
+        L, dev = x.shape[1], x.device
+        cache = self.new_cache(1, L + max_new_tokens, x.dtype, dev)
+        mask = build_mask(torch.ones(1, L, dtype=torch.bool, device=dev), frm)
+        out, hs = self(x, torch.arange(L, device=dev)[None], mask, cache, keep)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        seen, ids = set(seen) - set(exempt), []
         for i in range(max_new_tokens):
-            out.append(logits[0, -1].argmax().item())
-            if out[-1] == end_id or i == max_new_tokens - 1:
+            logits = self.lm_head(out[0, -1]).float()
+            if penalty != 1.0 and seen:
+                j = torch.tensor(sorted(seen), device=dev)
+                logits[j] = torch.where(logits[j] < 0, logits[j] * penalty, logits[j] / penalty)
+            if temperature > 0:
+                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=gen).item()
+            else:
+                nxt = logits.argmax().item()
+            ids.append(nxt)
+            if nxt == end_id or i == max_new_tokens - 1:
                 break
-            logits, _ = self(emb.weight[out[-1]][None, None], torch.tensor([[L + i]], device=dev), None, cache)
-        return out
+            if nxt not in exempt:
+                seen.add(nxt)
+            e = embed(nxt, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]
+            # mask None: the new token sees every cached one
+            out, hs = self(e, torch.tensor([[L + i]], device=dev), None, cache, keep)
+        return ids
 
     @classmethod
     def from_pretrained(cls, hf_dir, cfg=None, dtype=torch.bfloat16, device="cpu"):
@@ -532,17 +568,26 @@ def head(H):
 
 def span_of(p, threshold=0.6):
     """Inference rule (Appendix A): frames with p >= threshold * max(p) are salient; each contiguous run of
-    salient frames is a group, scored by its mean p; the best group is the event. Inclusive frame indices."""
+    salient frames is a group, scored by its mean p; the best group is the event. Inclusive frame indices. On an
+    exact tie of means the released code's span runs from the first tied group to the last."""
     on = (p >= threshold * p.max()).tolist() + [False]
-    best, start = (-1.0, 0, 0), None
+    groups, start = [], None
     for t, salient in enumerate(on):
         if salient and start is None:
             start = t
         elif not salient and start is not None:
-            score = p[start:t].mean().item()
-            best = max(best, (score, start, t - 1), key=lambda g: g[0])
+            groups.append((p[start:t].mean().item(), start, t - 1))
             start = None
-    return best[1], best[2]
+    best = max(g[0] for g in groups)
+    tied = [g for g in groups if g[0] == best]
+    return tied[0][1], tied[-1][2]
+
+
+def pool(states, spans):
+    """Mean of states (N, T, C) over each inclusive frame span (N, 2) -> (N, C): what an <evi> captures."""
+    t = torch.arange(states.shape[1], device=states.device)
+    inside = ((t >= spans[:, :1]) & (t <= spans[:, 1:])).to(states.dtype)  # (N, T)
+    return torch.einsum("nt,ntc->nc", inside, states) / inside.sum(1, keepdim=True)
 
 
 class D2VLM(nn.Module):
@@ -567,77 +612,100 @@ class D2VLM(nn.Module):
 
     def embed(self, ids, F_V):
         """Input embeddings with F_V in place of the frame placeholders -> x (B, L, C) and each frame's position
-        (B, T). A sample's placeholders are one run (data.py, answer()): position start + t holds frame t. Gathers
-        of fixed shapes, so torch.compile traces them; padding frames point at some other position."""
-        frm, (B, T) = ids == self.cfg.image_id, F_V.shape[:2]
+        (B, T). A sample's placeholders are one run (data.py, eval.answer): position start + t holds frame t.
+        Gathers of fixed shapes, so torch.compile traces them; padding frames point at some other position."""
+        B, T = F_V.shape[:2]
+        L = ids.shape[1]
+        frm = ids == self.cfg.image_id
         start = frm.int().argmax(1, keepdim=True)  # the first placeholder
-        rows, L = torch.arange(B, device=ids.device)[:, None], ids.shape[1]
-        t_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
-        x = torch.where(frm[..., None], F_V[rows, t_at], self.llm.model.embed_tokens(ids))
+        rows = torch.arange(B, device=ids.device)[:, None]
+        frame_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
+        x = torch.where(frm[..., None], F_V[rows, frame_at], self.llm.model.embed_tokens(ids))
         return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
 
     def forward(self, b):
-        """Teacher-forced pass: logits (B, L, V), sim (N, T) for every <evi> of the batch, F_<evi> (N, C)."""
-        cfg, ids, valid, evi_b = self.cfg, b["ids"], b["valid"], b["evi_b"]
+        """Teacher-forced pass (Sec. 3.2) over the batch of data.collate -> logits (N, R, vocab), where logits[n, j]
+        predicts response token j; sim (K, T), the frame logits of every response <evi>; F_<evi> (K, C)."""
+        cfg = self.cfg
         F_V = self.frame_tokens(b["frames"], b["frm_valid"], b["q_ids"], b["q_valid"])
-        x, at = self.embed(ids, F_V)
-        if cfg.evi_capture:  # visual semantic capture, teacher-forced: + mean of the frames inside the interval
-            t = torch.arange(F_V.shape[1], device=ids.device)
-            inside = ((t >= b["evi_span"][:, :1]) & (t <= b["evi_span"][:, 1:])).to(F_V.dtype)  # (N, T)
-            pooled = torch.einsum("nt,ntc->nc", inside, F_V[evi_b]) / inside.sum(1, keepdim=True)
-            x = x.index_put((evi_b, b["evi_pos"]), pooled.to(x.dtype), accumulate=True)
+        x, frm_pos = self.embed(b["ids"], F_V)
+        # a question-side <evi> (an input interval) gets the mean of F_V over it, as released
+        src = pool(F_V[b["src_b"]], b["src_span"])
+        x = x.index_put((b["src_b"], b["src_pos"]), src.to(x.dtype), accumulate=True)
+        # 1. The prompt pass. Its states do not depend on the response: the frame states of layer capture_layer
+        # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to.
+        valid = b["valid"]
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        logits, h = self.llm(x, pos, build_mask(valid, ids == cfg.image_id), hidden_layer=cfg.evi_layer)
-        f_evi = self.evi_head(h[evi_b, b["evi_pos"] - 1])  # the position that predicts <evi>
-        f_frm = self.frm_head(h[torch.arange(len(at), device=ids.device)[:, None], at])  # (B, T, C)
-        sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[evi_b]) / math.sqrt(cfg.n_embd)  # SPEC §2: a logit
+        mask = build_mask(valid, b["ids"] == cfg.image_id)
+        cache = PromptCache()
+        out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer))
+        rows = torch.arange(len(frm_pos), device=x.device)[:, None]
+        f_frm = self.frm_head(h_p[rows, frm_pos])  # (B, T, C)
+        F_cap = cap_p[rows, frm_pos]  # F~_V (B, T, C)
+        # 2. The response pass: each <evi> input gets the mean of F~_V over its interval (visual semantic capture)
+        r = b["resp_b"]  # the prompt of each response
+        xr = self.llm.model.embed_tokens(b["resp"])
+        if cfg.evi_capture:
+            pooled = pool(F_cap[r[b["evi_b"]]], b["evi_span"])
+            xr = xr.index_put((b["evi_b"], b["evi_pos"]), pooled.to(xr.dtype), accumulate=True)
+        n_prompt = valid.sum(1)[r]  # (N,)
+        R = xr.shape[1]
+        pos_r = n_prompt[:, None] + torch.arange(R, device=x.device)
+        cache.rows = r
+        mask_r = build_mask(torch.cat([valid[r], b["resp_valid"]], 1), n_query=R)
+        out_r, (h_r,) = self.llm(xr, pos_r, mask_r, cache, keep=(cfg.evi_layer,))
+        # the states that predict response token j: the prompt's last position for j = 0, response position j - 1
+        last = lambda s: s[r, n_prompt - 1][:, None]  # noqa: E731
+        logits = self.llm.lm_head(torch.cat([last(out_p), out_r[:, :-1]], 1))
+        h = torch.cat([last(h_p), h_r[:, :-1]], 1)
+        f_evi = self.evi_head(h[b["evi_b"], b["evi_pos"]])
+        sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[r[b["evi_b"]]]) / math.sqrt(cfg.n_embd)  # a logit
         return logits, sim, f_evi
 
     @torch.no_grad()
-    def generate(self, frames, times, q_ids, prompt_ids, max_new_tokens=96, temperature=0.0, seed=0):
-        """Decode one video with the KV cache. Each generated <evi> scores the frames, takes the best salient
-        group as its interval, and gets the mean of that group's frame tokens added to its input embedding.
-        Returns the new ids and one dict per <evi>: stage (1 or 2), frame span, seconds, sim over frames."""
+    def generate(self, frames, times, q_ids, prompt_ids, max_new_tokens=2048, temperature=0.0, seed=0, src=(),
+                 repetition_penalty=1.0):
+        """Decode one video. Each generated <evi> scores the frames, takes the best salient group as its interval,
+        and gets the mean of that group's F~_V (prefill states of layer capture_layer) added to its input.
+        src: [s, e] (seconds, i.e. frames at 1 fps) for each question-side <evi> of the prompt. Returns the new ids
+        and one dict per <evi>: stage (1 or 2), frame span, seconds, sim over frames."""
         cfg, dev = self.cfg, frames.device
         T = frames.shape[0]
         q = torch.tensor([q_ids], device=dev)
-        F_V = self.frame_tokens(frames[None], torch.ones(1, T, dtype=torch.bool, device=dev), q, q > -1)[0]
+        F_V = self.frame_tokens(frames[None], torch.ones(1, T, dtype=torch.bool, device=dev), q, q > -1)
         ids = torch.tensor([prompt_ids], device=dev)
         frm = ids == cfg.image_id
         if frm.sum() != T:
             raise ValueError(f"the prompt has {int(frm.sum())} frame placeholders for {T} frames")
         E = self.llm.model.embed_tokens.weight  # (vocab, C)
-        x, at = self.embed(ids, F_V[None].to(E.dtype))
-        L = ids.shape[1]
-        cache = self.llm.new_cache(1, L + max_new_tokens, x.dtype, dev)
-        logits, h = self.llm(x, torch.arange(L, device=dev)[None], build_mask(torch.ones_like(frm), frm),
-                             cache, hidden_layer=cfg.evi_layer)
-        f_frm = self.frm_head(h[0, at[0]])  # frames precede the answer, so their hidden states are final
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        out, evis, stage = [], [], 1
-        for i in range(max_new_tokens):
-            if temperature > 0:
-                nxt = torch.multinomial(F.softmax(logits[0, -1].float() / temperature, -1), 1, generator=gen).item()
-            else:
-                nxt = logits[0, -1].argmax().item()
-            out.append(nxt)
-            if nxt == cfg.end_id:
-                break
-            e = E[nxt]
-            if nxt == cfg.evi_id:
-                sim = (f_frm @ self.evi_head(h[0, -1])).float() / math.sqrt(cfg.n_embd)
-                if cfg.evi_unit == "event":
-                    s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
-                else:  # Tab. 6 ablation: an <evi> names one boundary frame, its most similar one
-                    s = t = int(sim.argmax())
-                if cfg.evi_capture:
-                    e = e + F_V[s:t + 1].mean(0).to(e.dtype)
-                evis.append(dict(stage=stage, span=(s, t), seconds=(float(times[s]), float(times[t])), sim=sim.tolist()))
-            elif nxt == cfg.evi_end_id:
-                stage = 2
-            # mask None: the new token sees every cached one
-            logits, h = self.llm(e[None, None], torch.tensor([[L + i]], device=dev), None, cache,
-                                 hidden_layer=cfg.evi_layer)
+        x, frm_pos = self.embed(ids, F_V.to(E.dtype))
+        src_pos = ((ids[0] == cfg.evi_id) & (torch.arange(ids.shape[1], device=dev) > frm_pos[0, -1])).nonzero()[:, 0]
+        if len(src):  # released: seconds rounded to frames, clamped; (a reversed pair, which it pools to NaN, is flipped)
+            spans = torch.tensor([sorted(min(max(round(v), 0), T - 1) for v in iv) for iv in src], device=dev)
+            n = min(len(spans), len(src_pos))
+            x[0, src_pos[:n]] += pool(F_V.expand(n, -1, -1), spans[:n]).to(x.dtype)
+        evis, state = [], dict(stage=1)
+
+        def embed(token, hs):
+            if "f_frm" not in state:  # the first call sees the whole prompt: the frames' states are final there
+                state.update(f_frm=self.frm_head(hs[0][0, frm_pos[0]]), F_cap=hs[1][:, frm_pos[0]])
+            e = E[token][None, None]
+            if token == cfg.evi_end_id:
+                state["stage"] = 2
+            if token != cfg.evi_id:
+                return e
+            sim = (state["f_frm"] @ self.evi_head(hs[0][0, -1])).float() / math.sqrt(cfg.n_embd)
+            if cfg.evi_unit == "event":
+                s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
+            else:  # Tab. 6 ablation: an <evi> names one boundary frame, its most similar one
+                s = t = int(sim.argmax())
+            evis.append(dict(stage=state["stage"], span=(s, t), seconds=(float(times[s]), float(times[t])),
+                             sim=sim.tolist()))
+            if cfg.evi_capture:
+                e = e + pool(state["F_cap"], torch.tensor([[s, t]], device=dev)).to(e.dtype)
+            return e
+        out = self.llm.generate(x, max_new_tokens, cfg.end_id, frm, (cfg.evi_layer, cfg.capture_layer), embed,
+                                temperature, seed, repetition_penalty, seen=prompt_ids, exempt=(cfg.image_id, cfg.evi_id))
         return out, evis
 
 
