@@ -21,7 +21,7 @@ from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.model import (CONFIGS, LORA_EXTRA, CheckpointError, build_d2vlm, cast_frozen, mark_trainable,
                              save_adapter, save_safetensors)
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
-from sample import evaluate, load_model, print_metrics
+from nanod2vlm.eval import evaluate, load_model, predictions_path, print_metrics
 
 
 @dataclass
@@ -321,7 +321,7 @@ def main(argv):
         eval_json = t.eval_json or os.path.join(t.data, "test.json")
         if eval_json != "none":
             with amp(dev):
-                metrics = evaluate(model.eval(), tok, wp, eval_json, cache, os.path.join(t.out, "predictions.json"))
+                metrics = evaluate(model.eval(), tok, wp, eval_json, cache, predictions_path(t.out, eval_json))
             print_metrics(metrics)
             with open(os.path.join(t.out, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)

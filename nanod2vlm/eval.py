@@ -65,7 +65,7 @@ def chunks(text, evi="<evi>"):
     return [c.strip() for c in answer.split(evi)[1:]]
 
 
-def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, temperature=0.0, src=None,
+def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, temperature=0.0, src=(),
            repetition_penalty=1.0):
     """Ground, then answer: the prompt `<image>\\n{question}` in the chat template, `src` the [s, e] of each
     question-side <evi>. Returns `raw`, the answer as the released code renders it (each <evi> -> "{s} - {e} " in
@@ -161,7 +161,7 @@ def _world(r, i):
 def _src(src):
     """E.T. Bench's flat `src` -> [s, e] per question-side <evi>: values pair up two at a time; one is one frame."""
     if not src:
-        return None
+        return []
     return [[src[0], src[0]]] if len(src) == 1 else [src[i:i + 2] for i in range(0, len(src) - 1, 2)]
 
 
@@ -211,12 +211,11 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
         return None
     got = {key(r): r for f in [out] + parts() for r in _lines(f)}
     preds = [got[key(r)] for r in recs]
-    if parts():  # one file in the records' order
-        with open(out + ".tmp", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in preds)
-        os.replace(out + ".tmp", out)
-        for p in parts():
-            os.remove(p)
+    with open(out + ".tmp", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in preds)
+    os.replace(out + ".tmp", out)  # one file, in the records' order
+    for p in parts():
+        os.remove(p)
     return score(kind, preds, sentsim)
 
 
@@ -230,7 +229,9 @@ def score(kind, preds, sentsim=None):
                                             {p["video"]: list(zip(p["tgt"], p["g"])) for p in preds})}
     if kind == "etbench":
         r = {v: etbench_scores(preds, v, sentsim) for v in ("new", "original")}
-        return {"Table 1": {**{v: r[v]["table"] for v in r}, "tasks missing": ", ".join(r["new"]["missing"]) or "none"},
+        missing = ", ".join(r["new"]["missing"]) or "none"
+        return {"Table 1, new (D²VLM's scorer)": dict(r["new"]["table"], missing=missing),
+                "Table 1, original (E.T. Bench's)": dict(r["original"]["table"], missing=missing),
                 **{t: {v: pct(r[v]["tasks"][t]) for v in r} for t in r["new"]["tasks"]}}
     # world qa answers in free text: right when its first sentence is the world's; GVQ's recall, over the rightly
     # answered only, is then TEM's with the other answers blanked (their parse failures counted unblanked)
