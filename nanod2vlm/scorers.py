@@ -174,8 +174,7 @@ class SentSim(nn.Module):
         """texts -> (N, W) L2-normalised embeddings."""
         out = []
         for i in range(0, len(texts), 64):
-            ids = [self.tok.encode(t, max_len=10 ** 9) for t in texts[i:i + 64]]
-            ids = [x[:self.max_len - 1] + x[-1:] for x in ids]  # keep the start and [SEP]
+            ids = [self.ids(t) for t in texts[i:i + 64]]
             L = max(map(len, ids))
             dev = self.embeddings.word_embeddings.weight.device
             tok = torch.tensor([x + [self.tok.pad_id] * (L - len(x)) for x in ids], device=dev)
@@ -188,6 +187,10 @@ class SentSim(nn.Module):
             pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # masked mean pooling
             out.append(F.normalize(pooled, dim=-1))
         return torch.cat(out)
+
+    def ids(self, text):
+        x = self.tok.encode(text, max_len=10 ** 9)
+        return x[:self.max_len - 1] + x[-1:]  # right truncation: the start and [SEP] are kept
 
     def cosine(self, a, b):
         """Cosine similarity of a[i] and b[i], each text encoded once."""
