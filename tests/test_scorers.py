@@ -188,6 +188,8 @@ def test_dvc_dataset_level_f1_and_sim():
     # IoU 5/(10 + 1e-8) is just below 0.5: detection counts at 0.1 and 0.3 only
     half = dvc([dict(tgt=[[0, 10]], g=["a man cuts onions"], a="</evi> 0 - 5, a man cuts onions.")])
     assert half["F1"] == 0.5 and half["Sim"] == 0.5
+    dup = dvc([dict(tgt=[[0, 10]], g=["a man cuts onions"], a="</evi> 0 - 10, a man cuts. 0 - 10, a man cuts onions.")])
+    assert dup["F1"] == 1.0 and dup["Sim"] == 0.875  # any-match: a duplicate is precise; Sim (3/4 + 1) / 2
 
 
 def test_etbench_aggregation():
@@ -197,7 +199,8 @@ def test_etbench_aggregation():
             dict(task="tvg", tgt=[10, 20], a="</evi> nothing", source="other"),  # TVG: mean over sources 1, 0
             dict(task="epm", tgt=[0, 10], a="</evi> 0 - 5"),
             dict(task="tal", tgt=[[0, 10], [20, 30]], a="</evi> 0 - 10, 20 - 30"),
-            dict(task="evs", tgt=[[0, 10]], a="0 - 10 </evi> 0 - 10"), dict(task="vhd", tgt=[[10, 12]], a="</evi> 10 - 12"),
+            dict(task="evs", tgt=[[0, 10]], a="0 - 10 </evi> 0 - 10"),
+            dict(task="vhd", tgt=[[10, 12]], a="</evi> 10 - 12"),
             dict(task="dvc", tgt=[[0, 10]], g=g, a="</evi> 0 - 10, a man cuts onions"),
             dict(task="slc", tgt=[[0, 10]], g=g, a="</evi> 0 - 5, a man cuts onions"),
             dict(task="tem", tgt=[[0, 10], [30, 40]], a="</evi> 30 - 40"),
@@ -304,6 +307,9 @@ def test_sentsim_matches_bertmodel(minilm):
     ref = torch.nn.functional.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
     assert torch.allclose(sim(TEXTS), ref, atol=1e-5)
     assert sim.cosine(TEXTS[:2], TEXTS[:2]) == pytest.approx([1.0, 1.0], abs=1e-6)
+    # through the DVC scorer: one prediction matched at every threshold, PTB-tokenised captions
+    r = dvc([dict(tgt=[[0, 10]], g=["A man cuts onions."], a="</evi> 0 - 10, he fries them in a pan!")], sentsim=sim)
+    assert r["Sim"] == round(float(sim(["he fries them in a pan"]) @ sim(["a man cuts onions"]).T), 5)
 
 
 def test_sentsim_prefixed_keys_and_right_truncation(minilm, tmp_path):
