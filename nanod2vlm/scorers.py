@@ -154,7 +154,7 @@ class SentSim(nn.Module):
         super().__init__()
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json (give the all-MiniLM-L6-v2 folder, --sentsim=DIR)")
+            raise FileNotFoundError(f"{path}: no config.json (give the folder of all-MiniLM-L6-v2 in HF format)")
         c = json.loads((path / "config.json").read_text())
         W = c["hidden_size"]
         cfg = replace(Config(), qf_width=W, qf_heads=c["num_attention_heads"], qf_mlp=c["intermediate_size"])
