@@ -1,4 +1,4 @@
-"""The paper's scorers, written from their definitions: E.T. Bench (Table 1), Charades-STA (Table 2), YouCook2 (Table 3).
+"""The paper's scorers from their definitions: E.T. Bench (Table 1), Charades-STA (Table 2), YouCook2 (Table 3).
 
 Written from the protocol description, not from any benchmark's code; every rule, quirk included, follows what the
 official scorers compute (the `>` / `>=` choices, any-match instead of one-to-one pairing, float32 IoU ties, the
@@ -15,6 +15,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,8 +76,7 @@ def parse_tvg(text, answer=True):
 
 
 def _hms(x):
-    h, m, s = map(int, x.split(":"))
-    return 3600 * h + 60 * m + s
+    return sum(int(v) * 60 ** k for k, v in enumerate(x.split(":")[::-1]))
 
 
 def parse_dvc(text, whole=None, version="new"):
@@ -111,7 +111,7 @@ def _dvc_single(text):
             span = (_floats([m.groups()]) or [None])[0]
         else:
             times = [60 * int(a) + int(b) for a, b in re.findall(r"(\d+):(\d{2})", piece)]
-            times = times or [float(x) for x in re.findall(r"\d+", piece)]
+            times = times or [float(x) for x in re.findall(r"\d+(?:\.\d+)?", piece)]
             if not times:
                 continue
             t0 = times[0]  # one time: a 40 s window around it, or from it near the start
@@ -154,15 +154,15 @@ class SentSim(nn.Module):
         super().__init__()
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json (give the all-MiniLM-L6-v2 folder, --sentsim=DIR)")
+            raise FileNotFoundError(f"{path}: no config.json (give the folder of all-MiniLM-L6-v2 in HF format)")
         c = json.loads((path / "config.json").read_text())
-        if c.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r}, SentSim supports BERT's gelu")
         W = c["hidden_size"]
         cfg = replace(Config(), qf_width=W, qf_heads=c["num_attention_heads"], qf_mlp=c["intermediate_size"])
         self.embeddings = nn.ModuleDict(dict(
-            word_embeddings=nn.Embedding(c["vocab_size"], W), position_embeddings=nn.Embedding(c["max_position_embeddings"], W),
-            token_type_embeddings=nn.Embedding(c.get("type_vocab_size", 2), W), LayerNorm=nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-12))))
+            word_embeddings=nn.Embedding(c["vocab_size"], W),
+            position_embeddings=nn.Embedding(c["max_position_embeddings"], W),
+            token_type_embeddings=nn.Embedding(c.get("type_vocab_size", 2), W),
+            LayerNorm=nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-12))))
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             QFormerLayer(cfg, cross=False) for _ in range(c["num_hidden_layers"]))))
         load_safetensors_into(self, path, rename=_bert_key, missing_ok=("_query",))
@@ -174,8 +174,7 @@ class SentSim(nn.Module):
         """texts -> (N, W) L2-normalised embeddings."""
         out = []
         for i in range(0, len(texts), 64):
-            ids = [self.tok.encode(t, max_len=10 ** 9) for t in texts[i:i + 64]]
-            ids = [x[:self.max_len - 1] + x[-1:] for x in ids]  # keep the start and [SEP]
+            ids = [self.ids(t) for t in texts[i:i + 64]]
             L = max(map(len, ids))
             dev = self.embeddings.word_embeddings.weight.device
             tok = torch.tensor([x + [self.tok.pad_id] * (L - len(x)) for x in ids], device=dev)
@@ -188,6 +187,10 @@ class SentSim(nn.Module):
             pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # masked mean pooling
             out.append(F.normalize(pooled, dim=-1))
         return torch.cat(out)
+
+    def ids(self, text):
+        x = self.tok.encode(text, max_len=10 ** 9)
+        return x[:self.max_len - 1] + x[-1:]  # right truncation: the start and [SEP] are kept
 
     def cosine(self, a, b):
         """Cosine similarity of a[i] and b[i], each text encoded once."""
@@ -224,17 +227,13 @@ def _spans_of(recs, version):
     return [parse_tvg(split_answer(r["a"], "span", version)[1]) for r in recs]
 
 
-def _tvg(recs, version, sentsim):  # TVG, EPM: the first span (original) or the best span (new)
+def _tvg(recs, version, sentsim, metric="F1"):
+    """TVG, EPM ("F1"): the first span (original) or the best span (new) against the GT span. TEM ("Rec"): the
+    first span against the best GT span."""
     spans = _spans_of(recs, version)
-    ious = [_iou(s[:1] if version == "original" else s, r["tgt"]).max().item() if s else 0.0
-            for r, s in zip(recs, spans)]
-    return {"F1": _recall(ious), "mIoU": sum(ious) / len(ious)}, sum(not s for s in spans)
-
-
-def _tem(recs, version, sentsim):  # the first span against the best of the GT spans
-    spans = _spans_of(recs, version)
-    ious = [_iou(s[:1], r["tgt"]).max().item() if s else 0.0 for r, s in zip(recs, spans)]
-    return {"Rec": _recall(ious)}, sum(not s for s in spans)
+    best = version == "new" and metric == "F1"
+    ious = [_iou(s if best else s[:1], r["tgt"]).max().item() if s else 0.0 for r, s in zip(recs, spans)]
+    return {metric: _recall(ious), "mIoU": sum(ious) / len(ious)}, sum(not s for s in spans)
 
 
 def _tal(recs, version, sentsim):
@@ -258,7 +257,8 @@ def _tal(recs, version, sentsim):
 def _bins(spans):
     m = torch.zeros(1000, dtype=torch.bool)  # 1-s bins, [round(s), round(e)): a reversed span marks nothing
     for s, e in spans:
-        m[max(0, round(s)):round(e)] = True
+        if e != math.inf:  # new drops an infinite end ("999...9" overflows), the original raises
+            m[max(0, round(s)):round(e)] = True
     return m
 
 
@@ -267,7 +267,7 @@ def _evs(recs, version, sentsim):
     f1s = []
     for r in recs:
         ev, ans = split_answer(r["a"], "span", version)
-        spans = [x for x in parse_tvg(ans) if x[1] != math.inf]  # new drops an infinite end, the original raises
+        spans = parse_tvg(ans)
         if not spans:
             continue
         pred = _bins(spans + (parse_tvg(ev, answer=False) if version == "new" else []))
@@ -312,7 +312,8 @@ def _choices(recs, version, sentsim, lenient, per_sample):
             if sentsim is None:
                 no_sim += 1
             else:
-                opts = [f"({chr(65 + k)}) " + (f"{x[0]} - {x[1]}" if isinstance(x, list) else x) for k, x in enumerate(r["o"])]
+                opts = [f"({chr(65 + k)}) " + (f"{x[0]} - {x[1]}" if isinstance(x, list) else str(x))
+                        for k, x in enumerate(r["o"])]  # a span option reads "s - e"
                 cos = sentsim.cosine([t] * len(opts), opts)
                 hit = max(range(len(opts)), key=cos.__getitem__) == r["p"]  # the first maximum wins
         hits.append(hit)
@@ -383,7 +384,7 @@ def _clean(caption):
 
 
 SCORERS = dict(rar=_rvq, eca=_rvq, rvq=_rvq, tvg=_tvg, epm=_tvg, tal=_tal, evs=_evs, vhd=_vhd,
-               dvc=_dvc, slc=_dvc, tem=_tem, gvq=_gvq)
+               dvc=_dvc, slc=_dvc, tem=partial(_tvg, metric="Rec"), gvq=_gvq)
 COLUMNS = {"RAR": ("rar", "Acc"), "EVC": ("eca", "Acc"), "RVQ": ("rvq", "Acc"), "TVG": ("tvg", "F1"),
            "EPM": ("epm", "F1"), "TAL": ("tal", "F1"), "EVS": ("evs", "F1"), "VHD": ("vhd", "F1"),
            "DVC F1": ("dvc", "F1"), "DVC Sim": ("dvc", "Sim"), "SLC F1": ("slc", "F1"), "SLC Sim": ("slc", "Sim"),
@@ -402,11 +403,11 @@ def etbench_scores(records, version="new", sentsim=None):
     (answers whose letter needed the similarity fallback while no SentSim was given: scored as misses).
     Sim is None without SentSim."""
     if version not in ("new", "original"):
-        raise ValueError(f"etbench_scores: version {version!r}; use 'new' (D²VLM's, Table 1) or 'original' (E.T. Bench's)")
+        raise ValueError(f"etbench_scores: version {version!r}; use 'new' (D²VLM's) or 'original' (E.T. Bench's)")
     groups = {}
     for r in records:
         if r["task"] not in SCORERS:
-            raise ValueError(f"record {r.get('idx')}: unknown E.T. Bench task {r['task']!r}; expected one of {sorted(SCORERS)}")
+            raise ValueError(f"record {r.get('idx')}: unknown E.T. Bench task {r['task']!r} (not in {list(SCORERS)})")
         groups.setdefault(r["task"], {}).setdefault(r["source"], []).append(r)
     tasks = {}
     for task, sources in groups.items():
@@ -416,14 +417,17 @@ def etbench_scores(records, version="new", sentsim=None):
             rows.append(dict(metrics, n=len(recs), failures=fails))
         tasks[task] = {k: sum(x[k] for x in rows) if k in COUNTS else _mean5([x[k] for x in rows]) for k in rows[0]}
     value = {col: tasks.get(t, {}).get(m) for col, (t, m) in COLUMNS.items()}
-    table = {name: None if any(value[c] is None for c in cols) else round(100 * sum(value[c] for c in cols) / len(cols), 1)
-             for name, cols in TABLE.items()}
-    return {"tasks": tasks, "table": table, "columns": {c: v if v is None else round(100 * v, 1) for c, v in value.items()},
-            "missing": [t for t in SCORERS if t not in tasks], "version": version}
+    return {"tasks": tasks, "table": {name: _pct([value[c] for c in cols]) for name, cols in TABLE.items()},
+            "columns": {c: _pct([v]) for c, v in value.items()}, "missing": [t for t in SCORERS if t not in tasks],
+            "version": version}
 
 
 def _mean5(xs):
     return None if None in xs else round(sum(round(x, 5) for x in xs) / len(xs), 5)
+
+
+def _pct(xs):
+    return None if None in xs else round(100 * sum(xs) / len(xs), 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +457,7 @@ def youcook2_scores(preds, gts, seed=0):
     """YouCook2 dense captioning: preds {video: answer}, gts {video: [([s, e], caption), ...]}. Per GT video:
     F1 of the threshold-mean P and R (IoU > t, t in 0.3/0.5/0.7/0.9) and CIDEr-D per threshold over that video's
     caption pairs; means over videos x 100. A video without a prediction scores 0. METEOR, SODA_c: None (Java)."""
-    f1, P, R, cider, fails = [], [], [], [], 0
+    f1, cider, fails = [], [], 0
     rng = random.Random(seed)
     for video, gt in gts.items():
         parts = preds.get(video, "").split("</evi>")
@@ -461,15 +465,13 @@ def youcook2_scores(preds, gts, seed=0):
         fails += video in preds and not events
         pr = [_detect([s for s, _ in events], [s for s, _ in gt], t) for t in (0.3, 0.5, 0.7, 0.9)]
         p, r = (sum(x[k] for x in pr) / 4 for k in (0, 1))
-        P.append(p)
-        R.append(r)
         f1.append(2 * p * r / (p + r) if p + r else 0.0)
         scores = [cider_d([(ptb_tokenize(h), ptb_tokenize(g)) for h, g in _pairs(events, gt, t, rng)])
                   for t in (0.3, 0.5, 0.7, 0.9)] if events else []
         cider.append(sum(sum(s) / len(s) for s in scores) / 4 if scores else 0.0)
     mean = lambda xs: round(100 * sum(xs) / max(len(xs), 1), 1)
-    return {"F1": mean(f1), "Precision": mean(P), "Recall": mean(R), "CIDEr": mean(cider), "METEOR": None,
-            "SODA_c": None, "n": len(gts), "failures": fails, "missing": sum(v not in preds for v in gts)}
+    return {"F1": mean(f1), "CIDEr": mean(cider), "METEOR": None, "SODA_c": None, "n": len(gts), "failures": fails,
+            "missing": sum(v not in preds for v in gts)}
 
 
 def cider_d(pairs, n=4, sigma=6.0):
