@@ -86,7 +86,7 @@ def main(argv):
             cache = FrameCache()
             for ckpt in a.ckpt.split(","):
                 model, tok, wp, _ = load_model(ckpt, a.device)
-                out = a.out or predictions_path(ckpt, a.eval, a.released)
+                out = a.out or predictions_path(ckpt, a.eval, a.temperature)
                 m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
                              rank, world)
                 if rank == 0:
@@ -102,8 +102,10 @@ def main(argv):
         cfg = model.cfg
         frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
         r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
-    except (VideoError, AnnotationError, CheckpointError) as e:
+    except (VideoError, AnnotationError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except PermissionError as e:  # e.g. an official checkpoint's read-only folder, where --eval writes by default
+        sys.exit(f"error: {e.filename}: cannot write there; give --out PRED.jsonl in a writable folder")
     if a.plot:
         try:
             gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None

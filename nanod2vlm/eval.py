@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from nanod2vlm.data import AnnotationError, normalize, read_annotations
 from nanod2vlm.model import LORA_EXTRA, CheckpointError, Config, build_d2vlm, load_adapter, load_safetensors_into
-from nanod2vlm.scorers import charades_scores, etbench_scores, youcook2_scores
+from nanod2vlm.scorers import SCORERS, charades_scores, etbench_scores, youcook2_scores
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 PENALIZED = {"rar", "eca", "rvq"}  # the referring tasks decode with repetition penalty 1.2, the others with none
@@ -27,6 +27,7 @@ CHARADES_Q = ("You are given a video about indoor activities. Watch the video ca
 YOUCOOK2_Q = ("You are given a video about 'making fattoush'. Watch the video carefully and densly describe all the "
               "cooking steps. For each step, you need to determine the start and ends times and provide a concise "
               "description. The format of your response should be: '<start time> - <end time>, <description>'.")
+# (both as the released conversion scripts write them, "densly" and "ends times" included)
 SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*s?\s*(?:-|–|to)\s*(\d+(?:\.\d+)?)\s*s(?:econds)?\b")  # "6.3s - 12.1s"
 
 
@@ -112,40 +113,49 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
 def read_benchmark(path, videos=None):
     """An annotation file (or a folder of E.T. Bench files) -> (kind, records as E.T. Bench has them, video root)."""
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.json"))) if os.path.isdir(path) else [path]
-    data = [_json(f) for f in files]
-    data = data[0] if len(data) == 1 else [r for d in data for r in (d if isinstance(d, list) else [d])]
-    first = (data.get("annotations") or [{}] if isinstance(data, dict) else data or [{}])[0]
-    try:
-        if "conversations" in first:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
-            return "world", [_world(r, i) for i, r in enumerate(read_annotations(path))], videos or os.path.dirname(path)
-        if "segments" in first:
-            kind, recs = "youcook2", [dict(task="dvc", source="youcook2", idx=i, video=a["image_id"], q=YOUCOOK2_Q,
-                                           tgt=a["segments"], g=a["pure_cap"].split(". "))
-                                      for i, a in enumerate(data["annotations"])]
-        elif "timestamp" in first:
-            kind, recs = "charades", [dict(task="tvg", source="charades_sta", idx=i, video=a["image_id"],
-                                           q=CHARADES_Q.format(a["caption"].strip(".")), tgt=a["timestamp"])
-                                      for i, a in enumerate(data["annotations"])]
-        elif "q" in first:
-            kind, recs = "etbench", [dict(r, idx=r.get("idx", i), video=r["video"], task=r["task"], q=r["q"])
-                                     for i, r in enumerate(data)]
-        else:
-            raise AnnotationError(f"{path}: neither world, E.T. Bench, Charades-STA nor YouCook2 (TimeIT) records")
-    except (KeyError, TypeError, AttributeError) as e:
-        raise AnnotationError(f"{path}: a record lacks or mistypes the field {e}") from None
+    data = [r for f in files for r in _json(f)]
+    if not data:
+        raise AnnotationError(f"{path}: no records to evaluate")
+    first = data[0]
+    if "conversations" in first:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
+        return "world", [_world(r, i) for i, r in enumerate(read_annotations(path))], videos or os.path.dirname(path)
+    kind = "youcook2" if "segments" in first else "charades" if "timestamp" in first else "etbench"
     if videos is None:
         raise AnnotationError(f"{path}: {kind} records name videos relative to a folder: give it with --videos DIR")
+    try:
+        if kind == "youcook2":
+            recs = [dict(task="dvc", source="youcook2", idx=i, video=a["image_id"], q=YOUCOOK2_Q, tgt=a["segments"],
+                         g=a["pure_cap"].split(". ")) for i, a in enumerate(data)]
+        elif kind == "charades":
+            recs = [dict(task="tvg", source="charades_sta", idx=i, video=a["image_id"], tgt=a["timestamp"],
+                         q=CHARADES_Q.format(a["caption"].strip("."))) for i, a in enumerate(data)]
+        else:
+            recs = [dict(r, idx=r.get("idx", i), video=r["video"], task=r["task"], q=r["q"]) for i, r in enumerate(data)]
+            if unknown := {r["task"] for r in recs} - set(SCORERS):
+                raise AnnotationError(f"{path}: tasks {sorted(unknown)} are none of E.T. Bench's {list(SCORERS)}")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise AnnotationError(f"{path}: not world, E.T. Bench or TimeIT (Charades-STA, YouCook2) records: a record "
+                              f"lacks or mistypes {e}") from None
     return kind, recs, videos
 
 
 def _json(path):
+    """A JSON annotation file -> its records (TimeIT keeps them under "annotations")."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except ValueError:  # JSON lines
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
     except OSError as e:
         raise AnnotationError(f"{path}: annotation file not found ({e.strerror})") from None
     except ValueError as e:  # also a file that is not UTF-8
-        raise AnnotationError(f"{path}: not a JSON annotation file ({e})") from None
+        raise AnnotationError(f"{path}: not a JSON (or JSON-lines) annotation file ({e})") from None
+    data = data["annotations"] if isinstance(data, dict) and "annotations" in data else data
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise AnnotationError(f'{path}: expected a list of records, or TimeIT\'s {{"annotations": [records]}}')
+    return data
 
 
 def _world(r, i):
@@ -160,9 +170,7 @@ def _world(r, i):
 
 def _src(src):
     """E.T. Bench's flat `src` -> [s, e] per question-side <evi>: values pair up two at a time; one is one frame."""
-    if not src:
-        return []
-    return [[src[0], src[0]]] if len(src) == 1 else [src[i:i + 2] for i in range(0, len(src) - 1, 2)]
+    return [src * 2] if len(src) == 1 else [src[i:i + 2] for i in range(0, len(src) - 1, 2)]
 
 
 def _lines(path):
@@ -175,10 +183,10 @@ def _lines(path):
     return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode().splitlines()]
 
 
-def predictions_path(ckpt, ann_path, released=False):
-    """Default --out: inside the checkpoint's step folder (a new checkpoint there starts afresh), by file name."""
+def predictions_path(ckpt, ann_path, temperature=0.0):
+    """Default --out: in the checkpoint's step folder (a new checkpoint there starts afresh), by file and decoding."""
     name = os.path.splitext(os.path.basename(os.path.normpath(ann_path)))[0]
-    return os.path.join(step_dir(ckpt), "eval", name + ("-released" if released else "") + ".jsonl")
+    return os.path.join(step_dir(ckpt), "eval", name + (f"-t{temperature:g}" if temperature else "") + ".jsonl")
 
 
 def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048, temperature=0.0, sentsim=None,
@@ -189,7 +197,10 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     kind, recs, root = read_benchmark(path, videos)
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
     parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
-    done = {key(r) for f in [out] + parts() for r in _lines(f)}
+    by_key = {key(r): r for r in recs}
+    done = {key(p): p for f in [out] + parts() for p in _lines(f)}
+    if any({f: v for f, v in p.items() if f != "a"} != by_key.get(k) for k, p in done.items()):
+        raise AnnotationError(f"{out}: holds predictions of other records than {path}'s; give another --out")
     if world > 1:
         dist.barrier()  # every rank has read what is done before any of them writes
     todo = [r for r in recs if key(r) not in done][rank::world]
@@ -201,7 +212,7 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
         for task in dict.fromkeys(r["task"] for r in todo):  # one progress bar per task
             for r in tqdm([r for r in todo if r["task"] == task], desc=task, dynamic_ncols=True, position=rank):
                 frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
-                a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src")),
+                a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
                            1.2 if task in PENALIZED else 1.0)
                 f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
                 f.flush()
@@ -209,8 +220,8 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
         dist.barrier()
     if rank > 0:
         return None
-    got = {key(r): r for f in [out] + parts() for r in _lines(f)}
-    preds = [got[key(r)] for r in recs]
+    got = {key(p): p for f in [out] + parts() for p in _lines(f)}
+    preds = [got[k] for k in by_key]
     with open(out + ".tmp", "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in preds)
     os.replace(out + ".tmp", out)  # one file, in the records' order

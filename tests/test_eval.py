@@ -144,6 +144,29 @@ def test_etbench_all_tasks_both_scorers(run, files, capsys, scripted, tmp_path):
     assert "F1(gnd)=75" in rows["Table 1, new (D²VLM's scorer)"] and "F1(gnd)=95" in rows["Table 1, original (E.T. Bench's)"]
 
 
+def test_sentsim_gives_sim_and_settles_letters(run, files, capsys, scripted, tmp_path):
+    """--sentsim DIR (a tiny random BERT in the MiniLM layout, safetensors): Sim is computed, and letter answers
+    that need the similarity fallback are scored with it."""
+    import torch
+    import transformers
+    from nanod2vlm.scorers import SentSim
+    from nanod2vlm.tokenizer import WordPiece
+    d = tmp_path / "minilm"
+    d.mkdir()
+    WordPiece.build(["a red square appears", "a blue circle appears", "add the oil", "stir well"], str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(open(d / "vocab.txt").read().split()), hidden_size=32,
+                                  num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(d)
+    text = ask(capsys, "--eval", files / "etbench.json", "--videos", files.parent / "world" / "videos", "--ckpt", run,
+               "--out", tmp_path / "p.jsonl", "--sentsim", d)
+    new = etbench_scores(lines(tmp_path / "p.jsonl"), "new", SentSim(d))
+    rows = {name.strip(): rest for name, _, rest in (line.partition(": ") for line in text.splitlines())}
+    assert new["tasks"]["dvc"]["Sim"] is not None and f"Sim={ev._fmt('', 100 * new['tasks']['dvc']['Sim'])}" in rows["dvc"]
+    assert f"Sim(cap)={ev._fmt('', new['table']['Sim(cap)'])}" in rows["Table 1, new (D²VLM's scorer)"]
+    assert "no_sim=0" in rows["rar"] and "no_sim=1" not in text
+
+
 def test_charades_and_youcook2(run, files, capsys, scripted, tmp_path):
     vids = files.parent / "world" / "videos"
     text = ask(capsys, "--eval", files / "charades.json", "--videos", vids, "--ckpt", run, "--out", tmp_path / "c.jsonl")
@@ -163,6 +186,9 @@ def test_charades_and_youcook2(run, files, capsys, scripted, tmp_path):
     # R 1/4, F1 2 * 0.125 * 0.25 / 0.375 = 1/6; the mean over videos (1 + 1/6) / 2
     assert "F1=58.3" in line and "METEOR=not computed (needs Java)" in line and "SODA_c=not computed (needs Java)" in line
     assert lines(tmp_path / "y.jsonl")[0]["g"] == ["add oil", "stir well"]
+    with pytest.raises(SystemExit) as e:  # another file's predictions are never taken for this one's
+        ask(capsys, "--eval", files / "youcook2.json", "--videos", vids, "--ckpt", run, "--out", tmp_path / "c.jsonl")
+    assert f"{tmp_path}/c.jsonl: holds predictions of other records" in str(e.value.code)
 
 
 def test_killed_run_continues_where_it_stopped(run, files, capsys, monkeypatch, tmp_path):
@@ -240,3 +266,34 @@ def test_world_qa_is_scored_as_gvq():
     m = ev.score("world", preds)["qa"]
     assert m["Acc"] == 75 and m["failures"] == 1 and m["n"] == 4
     assert m["Rec"] == pytest.approx(100 * (1 + 0 + 0 + 3 / 4) / 4)  # thresholds 0.1/0.3/0.5 hit at IoU 0.5
+
+
+def test_answer_renders_as_released(run):
+    """Each <evi> -> "{s} - {e} " (frame indices), </evi> kept, <|end|> cut; a frame-level pair is one span; the
+    new tokens are bounded by the model's context."""
+    from dataclasses import replace
+    import torch
+    model, tok, wp, _ = ev.load_model(str(run))
+    frames, times = torch.zeros(6, 3, 16, 16, dtype=torch.uint8), torch.arange(6.0)
+    said = tok.encode("<evi> <evi> </evi> It happens in <evi> and <evi>.") + [tok.end_id]
+    spans = [(1, 3), (4, 4), (1, 3), (4, 4)]
+    asked = []
+
+    def generate(frames, times, q_ids, prompt_ids, max_new_tokens, *a, **k):
+        asked.append((len(prompt_ids), max_new_tokens))
+        return said, [dict(stage=1 + (i > 1), span=s, seconds=tuple(map(float, s))) for i, s in enumerate(spans)]
+    model.generate = generate
+    r = ev.answer(model, tok, wp, frames, times, "When?")
+    assert r["raw"] == "1 - 3  4 - 4  </evi> It happens in 1 - 3  and 4 - 4 ." == r["text"]
+    assert r["grounding"] == r["answer_spans"] == [(1.0, 3.0), (4.0, 4.0)] and r["captions"] == ["and", "."]
+    assert asked[-1][1] == 2048
+    model.cfg = replace(model.cfg, max_pos=asked[-1][0] + 5)
+    ev.answer(model, tok, wp, frames, times, "When?")
+    assert asked[-1][1] == 5
+    model.cfg = replace(model.cfg, max_pos=asked[-1][0], evi_unit="frame")
+    with pytest.raises(ValueError, match=f"the prompt takes {asked[-1][0]} positions, the model has"):
+        ev.answer(model, tok, wp, frames, times, "When?")
+    model.cfg = replace(model.cfg, max_pos=4096)
+    spans = [(1, 1), (3, 3), (1, 1), (3, 3)]  # frame-level <evi>: a start and an end frame
+    said = tok.encode("<evi> <evi> </evi> It happens in <evi> <evi>.") + [tok.end_id]
+    assert ev.answer(model, tok, wp, frames, times, "When?")["raw"] == "1 -  3  </evi> It happens in 1 -  3 ."
