@@ -70,7 +70,8 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
            repetition_penalty=1.0):
     """Ground, then answer: the prompt `<image>\\n{question}` in the chat template, `src` the [s, e] of each
     question-side <evi>. Returns `raw`, the answer as the released code renders it (each <evi> -> "{s} - {e} " in
-    frame indices, </evi> kept: what the scorers read), `text`, the same in seconds for people, and the parts."""
+    frame indices, </evi> kept: what the scorers read), `text`, that with notes for people, the grounding and
+    answer spans in seconds, the captions and each <evi>'s details."""
     t0 = time.time()
     ids = tok.encode(tok.chat("<image>\n" + question))
     i = ids.index(tok.image_id)
@@ -83,7 +84,7 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
                                src=src, repetition_penalty=repetition_penalty)
     out = out[:-1] if out[-1:] == [tok.end_id] else out
     # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
-    cuts = [j for j, i in enumerate(out) if i == tok.evi_id]
+    cuts = [j for j, x in enumerate(out) if x == tok.evi_id]
     pieces = [tok.decode(out[a + 1:b]) for a, b in zip([-1] + cuts, cuts + [len(out)])]
     frame_level = model.cfg.evi_unit == "frame"  # each <evi> is one boundary frame; events are their pairs
     k = [sum(x["stage"] == e["stage"] for x in evis[:j]) for j, e in enumerate(evis)]  # index within its stage
@@ -143,15 +144,11 @@ def _json(path):
     """A JSON annotation file -> its records (TimeIT keeps them under "annotations")."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            data = json.loads(text)
-        except ValueError:  # JSON lines
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+            data = json.load(f)
     except OSError as e:
         raise AnnotationError(f"{path}: annotation file not found ({e.strerror})") from None
     except ValueError as e:  # also a file that is not UTF-8
-        raise AnnotationError(f"{path}: not a JSON (or JSON-lines) annotation file ({e})") from None
+        raise AnnotationError(f"{path}: not a JSON annotation file ({e})") from None
     data = data["annotations"] if isinstance(data, dict) and "annotations" in data else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise AnnotationError(f'{path}: expected a list of records, or TimeIT\'s {{"annotations": [records]}}')
@@ -198,6 +195,8 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
     parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
     by_key = {key(r): r for r in recs}
+    if len(by_key) < len(recs):
+        raise AnnotationError(f"{path}: records share a (task, source, idx): give each its own idx")
     done = {key(p): p for f in [out] + parts() for p in _lines(f)}
     if any({f: v for f, v in p.items() if f != "a"} != by_key.get(k) for k, p in done.items()):
         raise AnnotationError(f"{out}: holds predictions of other records than {path}'s; give another --out")

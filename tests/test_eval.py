@@ -297,3 +297,21 @@ def test_answer_renders_as_released(run):
     spans = [(1, 1), (3, 3), (1, 1), (3, 3)]  # frame-level <evi>: a start and an end frame
     said = tok.encode("<evi> <evi> </evi> It happens in <evi> <evi>.") + [tok.end_id]
     assert ev.answer(model, tok, wp, frames, times, "When?")["raw"] == "1 -  3  </evi> It happens in 1 -  3 ."
+
+
+@pytest.mark.parametrize("case", ["no --videos", "empty", "an object", "shared idx", "unknown task", "no q"])
+def test_bad_benchmark_files_get_one_clear_line(run, files, capsys, tmp_path, case):
+    recs = json.loads((files / "etbench.json").read_text())
+    data, words = {"no --videos": (recs, ["give it with --videos DIR"]), "empty": ([], ["no records to evaluate"]),
+                   "an object": ({"records": recs}, ['TimeIT\'s {"annotations": [records]}']),
+                   "shared idx": (recs + recs[:1], ["share a (task, source, idx)"]),
+                   "unknown task": ([dict(recs[0], task="qa")], ["tasks ['qa'] are none of E.T. Bench's"]),
+                   "no q": ([{"task": "tvg", "video": "v.mp4"}], ["not world, E.T. Bench or TimeIT", "'q'"])}[case]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    videos = [] if case == "no --videos" else ["--videos", files.parent / "world" / "videos"]
+    with pytest.raises(SystemExit) as e:
+        ask(capsys, "--eval", ann, *videos, "--ckpt", run, "--out", tmp_path / "p.jsonl")
+    assert str(e.value.code).startswith(f"error: {ann}: ") and "\n" not in str(e.value.code)
+    for w in words:
+        assert w in e.value.code, e.value.code
