@@ -79,10 +79,10 @@ def main(argv):
             if a.out and "," in a.ckpt:
                 ap.error("--out names the predictions of one checkpoint; without it each goes into its checkpoint")
             rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-            if world > 1:  # torchrun: each process answers its share of the records
-                dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
+            if world > 1:  # torchrun: each process answers its share of the records (gloo: barriers only)
+                dist.init_process_group("gloo")
                 a.device = f"cuda:{os.environ['LOCAL_RANK']}" if a.device == "cuda" else a.device
-            sentsim = SentSim(a.sentsim) if a.sentsim else None
+            sentsim = SentSim(a.sentsim).to(a.device) if a.sentsim else None
             cache = FrameCache()
             for ckpt in a.ckpt.split(","):
                 model, tok, wp, _ = load_model(ckpt, a.device)

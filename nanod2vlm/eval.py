@@ -70,7 +70,7 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
            repetition_penalty=1.0):
     """Ground, then answer: the prompt `<image>\\n{question}` in the chat template, `src` the [s, e] of each
     question-side <evi>. Returns `raw`, the answer as the released code renders it (each <evi> -> "{s} - {e} " in
-    frame indices, </evi> kept: what the scorers read), `text`, that with notes for people, the grounding and
+    whole seconds, </evi> kept: what the scorers read), `text`, that with notes for people, the grounding and
     answer spans in seconds, the captions and each <evi>'s details."""
     t0 = time.time()
     ids = tok.encode(tok.chat("<image>\n" + question))
@@ -90,7 +90,9 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     k = [sum(x["stage"] == e["stage"] for x in evis[:j]) for j, e in enumerate(evis)]  # index within its stage
     raw = pieces[0]
     for e, j, piece in zip(evis, k, pieces[1:]):
-        s, t = e["span"]
+        # the released code prints frame indices, at its uncapped 1 fps the whole seconds: so do the frames' times,
+        # which stay seconds when max_frames thins a long video out
+        s, t = (round(v) for v in e["seconds"])
         raw += (f"{s} - " if j % 2 == 0 else f"{t} ") if frame_level else f"{s} - {t} "
         raw += piece
     raw = raw.strip()
@@ -132,6 +134,8 @@ def read_benchmark(path, videos=None):
                          q=CHARADES_Q.format(a["caption"].strip("."))) for i, a in enumerate(data)]
         else:
             recs = [dict(r, idx=r.get("idx", i), video=r["video"], task=r["task"], q=r["q"]) for i, r in enumerate(data)]
+            if any("<vid>" in r["q"] for r in recs):
+                raise AnnotationError(f"{path}: <vid> in q (E.T. Bench's vid style): D²VLM reads one <evi> per src interval")
             if unknown := {r["task"] for r in recs} - set(SCORERS):
                 raise AnnotationError(f"{path}: tasks {sorted(unknown)} are none of E.T. Bench's {list(SCORERS)}")
     except (KeyError, TypeError, AttributeError) as e:

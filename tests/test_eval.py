@@ -269,7 +269,7 @@ def test_world_qa_is_scored_as_gvq():
 
 
 def test_answer_renders_as_released(run):
-    """Each <evi> -> "{s} - {e} " (frame indices), </evi> kept, <|end|> cut; a frame-level pair is one span; the
+    """Each <evi> -> "{s} - {e} " (whole seconds: at 1 fps the frame indices), </evi> kept, <|end|> cut; a frame-level pair is one span; the
     new tokens are bounded by the model's context."""
     from dataclasses import replace
     import torch
@@ -280,12 +280,12 @@ def test_answer_renders_as_released(run):
     asked = []
 
     def generate(frames, times, q_ids, prompt_ids, max_new_tokens, *a, **k):
-        asked.append((len(prompt_ids), max_new_tokens))
-        return said, [dict(stage=1 + (i > 1), span=s, seconds=tuple(map(float, s))) for i, s in enumerate(spans)]
+        asked.append((len(prompt_ids), max_new_tokens))  # frame times 1.02 s after each whole second
+        return said, [dict(stage=1 + (i > 1), span=s, seconds=(s[0] + 0.02, s[1] + 0.02)) for i, s in enumerate(spans)]
     model.generate = generate
     r = ev.answer(model, tok, wp, frames, times, "When?")
     assert r["raw"] == "1 - 3  4 - 4  </evi> It happens in 1 - 3  and 4 - 4 ." == r["text"]
-    assert r["grounding"] == r["answer_spans"] == [(1.0, 3.0), (4.0, 4.0)] and r["captions"] == ["and", "."]
+    assert r["grounding"] == r["answer_spans"] == [(1.02, 3.02), (4.02, 4.02)] and r["captions"] == ["and", "."]
     assert asked[-1][1] == 2048
     model.cfg = replace(model.cfg, max_pos=asked[-1][0] + 5)
     ev.answer(model, tok, wp, frames, times, "When?")
@@ -299,14 +299,16 @@ def test_answer_renders_as_released(run):
     assert ev.answer(model, tok, wp, frames, times, "When?")["raw"] == "1 -  3  </evi> It happens in 1 -  3 ."
 
 
-@pytest.mark.parametrize("case", ["no --videos", "empty", "an object", "shared idx", "unknown task", "no q"])
+@pytest.mark.parametrize("case", ["no --videos", "empty", "an object", "shared idx", "unknown task", "no q",
+                                  "vid style"])
 def test_bad_benchmark_files_get_one_clear_line(run, files, capsys, tmp_path, case):
     recs = json.loads((files / "etbench.json").read_text())
     data, words = {"no --videos": (recs, ["give it with --videos DIR"]), "empty": ([], ["no records to evaluate"]),
                    "an object": ({"records": recs}, ['TimeIT\'s {"annotations": [records]}']),
                    "shared idx": (recs + recs[:1], ["share a (task, source, idx)"]),
                    "unknown task": ([dict(recs[0], task="qa")], ["tasks ['qa'] are none of E.T. Bench's"]),
-                   "no q": ([{"task": "tvg", "video": "v.mp4"}], ["not world, E.T. Bench or TimeIT", "'q'"])}[case]
+                   "no q": ([{"task": "tvg", "video": "v.mp4"}], ["not world, E.T. Bench or TimeIT", "'q'"]),
+                   "vid style": ([dict(recs[0], q="What happens in <vid> - <vid>?")], ["<vid> in q"])}[case]
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(data))
     videos = [] if case == "no --videos" else ["--videos", files.parent / "world" / "videos"]
