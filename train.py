@@ -288,7 +288,7 @@ def main(argv):
             with amp(dev):
                 out = fwd(b)
                 if t.stage == "sft":
-                    loss, parts = sft_loss(*out, b, t.w_gnd, t.w_cons)
+                    loss, parts = sft_loss(*out, b, t.w_gnd, t.w_cons, match=cfg.evi_unit == "frame")
                 else:
                     loss, parts = fpo_step_loss(*out, b, t.beta, t.w_gnd, t.w_cons)
             (loss / t.grad_accum).backward()

@@ -1,7 +1,8 @@
 """Data: video decoding, annotation reading, <evi> frame targets, the dataset + collate, and a per-video cache.
 
 Video -> frames at 1 fps (real presentation times kept), short side resized to 224 and center-cropped, CLIP
-normalisation (SPEC §1). Annotations follow SPEC §6; the batch format is the one the model and losses consume.
+normalisation, as released. Annotations: App. B's time_gt records (and the released tgt/src form); the batch format is
+the one the model and losses consume (collate).
 """
 import hashlib
 import json
@@ -90,13 +91,13 @@ def _resize_crop(frame, size):
 
 
 def normalize(frames):
-    """uint8 (..., 3, H, W) -> float CLIP-normalised pixels (SPEC §1)."""
+    """uint8 (..., 3, H, W) -> float CLIP-normalised pixels."""
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (frames.float() / 255 - mean) / std
 
 # -----------------------------------------------------------------------------
-# annotations (SPEC §6)
+# annotations (App. B)
 
 
 class AnnotationError(ValueError):
@@ -256,7 +257,7 @@ def ablate(rec, cfg):
         head, tail = gpt.split("</evi>", 1)
         parts = tail.split("<evi>")
         spans = gt["interleaved_response"]
-        gpt = head + "</evi>" + parts[0] + "".join(f"{s:g}s - {e:g}s{p}" for (s, e), p in zip(spans, parts[1:]))
+        gpt = head + "</evi>" + parts[0] + "".join(f"{s:g} - {e:g}{p}" for (s, e), p in zip(spans, parts[1:]))
         gt = dict(gt, interleaved_response=[])
     if cfg.evi_unit == "frame":
         gpt = gpt.replace("<evi>", "<evi> <evi>")

@@ -28,7 +28,7 @@ YOUCOOK2_Q = ("You are given a video about 'making fattoush'. Watch the video ca
               "cooking steps. For each step, you need to determine the start and ends times and provide a concise "
               "description. The format of your response should be: '<start time> - <end time>, <description>'.")
 # (both as the released conversion scripts write them, "densly" and "ends times" included)
-SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*s?\s*(?:-|–|to)\s*(\d+(?:\.\d+)?)\s*s(?:econds)?\b")  # "6.3s - 12.1s"
+SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*s?\s*(?:-|–|to)\s*(\d+(?:\.\d+)?)(?:\s*s(?:econds)?\b)?")  # "1 - 4.5", "6.3s - 12.1s"
 
 
 def step_dir(ckpt):

@@ -32,6 +32,14 @@ def L_gnd(sim, y, valid):
     return per_evi.mean()
 
 
+def L_match(sim, target, valid):
+    """Frame-level grounding as earlier grounding tokens do it (E.T. Chat's <vid>; the Tab. 6 ablation): a softmax
+    over the valid frames, cross-entropy on the one target frame of each <evi>, averaged over <evi> tokens."""
+    if sim.shape[0] == 0:
+        return sim.sum()
+    return F.cross_entropy(_f32(sim).masked_fill(~valid, float("-inf")), target)
+
+
 def L_cons(f1, f2):
     """Consistency between the k-th <evi> head output of stage 1 and of stage 2, f1/f2 (K, C): mean absolute
     difference over k and channels."""
@@ -47,15 +55,18 @@ def cons_pairs(b):
     return i1[match[has].float().argmax(1)], i2[has]
 
 
-def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None):
-    """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the responses `rows` (default: all) ->
-    (loss, parts)."""
+def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=False):
+    """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the first `rows` responses (default: all) ->
+    (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3)."""
     keep = torch.ones(len(b["evi_b"]), dtype=torch.bool, device=sim.device) if rows is None else b["evi_b"] < rows
     logits, labels = (logits, b["labels"]) if rows is None else (logits[:rows], b["labels"][:rows])
     sel = {k: b[k][keep] for k in ("evi_b", "evi_k", "evi_stage")}
     valid = b["frm_valid"][b["resp_b"][b["evi_b"]]][keep]
     l_sft = L_sft(logits, labels)
-    l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid)
+    if match:
+        l_gnd = L_match(sim[keep], b["evi_span"][keep][:, 0], valid)
+    else:
+        l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid)
     i1, i2 = cons_pairs(sel)
     f = f_evi[keep]
     l_cons = L_cons(f[i1], f[i2]) if len(i1) else sim.sum() * 0

@@ -562,7 +562,7 @@ class Phi3(nn.Module):
 # D²VLM (Sec. 3.2): frame tokens into Phi-3; <evi> tokens ground events and pool their frames into themselves
 
 def head(H):
-    """evi_head / frm_head (SPEC §2): LN → Linear(H, H/2) → GELU → Linear(H/2, H)."""
+    """evi_head / frm_head, as released: LN → Linear(H, H/2) → GELU → Linear(H/2, H)."""
     return nn.Sequential(nn.LayerNorm(H), nn.Linear(H, H // 2), nn.GELU(), nn.Linear(H // 2, H))
 
 

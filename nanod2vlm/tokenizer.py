@@ -117,7 +117,7 @@ class Tokenizer:
         return "".join(out)
 
     def chat(self, question, answer=None):
-        """SPEC §1 chat template; with answer=None, the generation prompt (ends after '<|assistant|>\\n')."""
+        """Phi-3's chat template (the released prompt); with answer=None, the generation prompt (ends after '<|assistant|>\\n')."""
         prompt = f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n"
         return prompt if answer is None else f"{prompt}{answer}<|end|>"
 

@@ -12,7 +12,7 @@ every colour and every shape is still seen in training. Train videos never conta
 test video contains one, and its single and qa questions are about a held-out object. Training single-event
 questions name each object by its shape, its colour or both; test ones by the held-out pair.
 
-render_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json (SPEC §6 records plus
+render_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json (App. B records plus
 "task"), events.json (video -> list of {"kind", "colour", "shape", "slot", "interval"}) and world.json.
 """
 import json
@@ -137,7 +137,7 @@ def sample_video(rng, split, durations):
 
 
 def make_records(rng, video, D, objs, split):
-    """One annotation record per applicable task family (SPEC §6 plus "task")."""
+    """One annotation record per applicable task family (App. B plus "task")."""
     pick = lambda xs: xs[rng.integers(len(xs))]
     name = lambda o: f"{o['colour']} {o['shape']}"
     evis = lambda k: ", ".join(["<evi>"] * (k - 1)) + " and <evi>" if k > 1 else "<evi>"

@@ -1,19 +1,21 @@
-"""The <evi> mechanism (SPEC §2) against slow loops written from its description, and the full model's size."""
+"""The <evi> mechanism (Sec. 3.2, App. A, as released) against slow loops written from its description, and the full model's size."""
 import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, add_lora, cast_frozen, mark_trainable, span_of
+from nanod2vlm.data import collate
+from nanod2vlm.model import CONFIGS, LORA_EXTRA, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of
 
-CFG = replace(CONFIGS["nano"], vocab_size=40, n_embd=32, n_layer=2, n_head=2, n_mlp=64, img_size=16, patch=8,
+CFG = replace(CONFIGS["nano"], vocab_size=40, n_embd=32, n_layer=3, n_head=2, n_mlp=64, img_size=16, patch=8,
               vit_width=16, vit_layers=1, vit_heads=2, vit_mlp=32, qf_width=16, qf_layers=2, qf_heads=2, qf_mlp=32,
               qf_queries=2, qf_vocab=30, image_id=3, evi_id=4, evi_end_id=5, end_id=6)
 
 
 def slow_span(p, threshold=0.6):
-    """Appendix A, literally: salient frames, their contiguous groups, the group with the best mean."""
+    """Appendix A, literally: salient frames, their contiguous groups, the group with the best mean; on an exact tie
+    of means the released span runs from the first tied group to the last."""
     salient = [t for t in range(len(p)) if p[t] >= threshold * max(p)]
     groups = []
     for t in salient:
@@ -21,8 +23,9 @@ def slow_span(p, threshold=0.6):
             groups[-1].append(t)
         else:
             groups.append([t])
-    best = max(groups, key=lambda g: sum(p[t] for t in g) / len(g))  # first of equal means wins
-    return best[0], best[-1]
+    means = [sum(p[t] for t in g) / len(g) for g in groups]
+    tied = [g for g, m in zip(groups, means) if m == max(means)]
+    return tied[0][0], tied[-1][-1]
 
 
 def test_span_of_matches_slow_rule():
@@ -32,78 +35,145 @@ def test_span_of_matches_slow_rule():
         assert span_of(p, 0.6) == slow_span(p.tolist(), 0.6)
     assert span_of(torch.tensor([0.1, 0.9, 0.8, 0.1, 0.95, 0.1])) == (4, 4)  # best mean wins, not the longest run
     assert span_of(torch.tensor([0.1, 0.5, 0.1, 1.0, 0.1])) == (3, 3)
+    assert span_of(torch.tensor([0.1, 1.0, 0.1, 0.1, 1.0, 0.2])) == (1, 4)  # an exact tie: first group to last
 
 
-def batch():
-    """Two samples: 5 and 3 frames, ids with image placeholders, <evi> tokens in both stages."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.tensor([[7, 3, 3, 3, 3, 3, 8, 4, 5, 9, 4, 6],
-                        [7, 3, 3, 3, 8, 4, 4, 5, 4, 9, 4, 6]])
-    frames = torch.randn(2, 5, 3, 16, 16, generator=g)
-    frm_valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    evi_b, evi_pos = torch.tensor([0, 0, 1, 1, 1, 1]), torch.tensor([7, 10, 5, 6, 8, 10])
-    return dict(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool), frames=frames, frm_valid=frm_valid,
-                q_ids=torch.tensor([[2, 11, 12, 3], [2, 13, 3, 0]]),
-                q_valid=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool),
-                evi_b=evi_b, evi_pos=evi_pos, evi_span=torch.tensor([[1, 3], [1, 3], [0, 0], [1, 2], [0, 0], [1, 2]]))
+def sample(T, resp, spans, src=(), seed=0):
+    """One sample as data.VideoDataset gives it: prompt <s> frames \n [question <evi>...] ?, one response whose
+    <evi> (id 4; </evi> 5, <|end|> 6) refer to `spans` (stage 1 then stage 2)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([7] + [3] * T + [8] + [4] * len(src) + [9])
+    resp = torch.tensor(resp)
+    evi_pos = (resp == 4).nonzero().flatten()
+    end = (resp == 5).nonzero().item()
+    stage = (evi_pos > end).long() + 1
+    k = torch.tensor([int((stage[:i] == stage[i]).sum()) for i in range(len(stage))])
+    return dict(ids=ids, frames=torch.randn(T, 3, 16, 16, generator=g), times=torch.arange(T) * 1.0,
+                q_ids=torch.tensor([2, 11 + seed, 3]), src_pos=torch.arange(len(src)) + T + 2,
+                src_span=torch.tensor(src, dtype=torch.long).view(-1, 2), meta={},
+                responses=[dict(resp=resp, evi_pos=evi_pos, evi_stage=stage, evi_k=k,
+                                evi_span=torch.tensor(spans).view(-1, 2), evi_y=torch.rand(len(spans), T, generator=g))])
 
 
-def test_teacher_forced_pooling_and_sim_match_slow_loops():
-    torch.manual_seed(0)
-    model = D2VLM(CFG).eval()
-    b = batch()
-    seen = {}
-    llm_forward = model.llm.forward
+SAMPLES = [sample(5, [4, 4, 5, 9, 4, 10, 4, 6], [[1, 3], [0, 0], [1, 3], [0, 0]], src=[[2, 4]], seed=0),
+           sample(3, [4, 5, 9, 4, 6], [[1, 2], [1, 2]], seed=1),
+           sample(4, [4, 4, 4, 5, 4, 9, 4, 10, 4, 6], [[0, 1], [2, 2], [3, 3]] * 2, src=[[0, 0], [1, 3]], seed=2)]
 
-    def spy(x, pos, mask, cache=None, hidden_layer=-1):
-        seen["x"] = x.detach().clone()
-        logits, h = llm_forward(x, pos, mask, cache, hidden_layer)
-        seen["h"] = h.detach().clone()
-        return logits, h
+
+def capture(model):
+    """Spy on the LLM's calls: the input embeddings x of each call."""
+    seen, forward = [], model.llm.forward
+
+    def spy(x, *a, **k):
+        seen.append(x.detach().clone())
+        return forward(x, *a, **k)
     model.llm.forward = spy
+    return seen
+
+
+def slow_pass(model, x, frm, layers):
+    """A separate full pass over one whole sequence x (1, L, C), block by block -> the states of `layers` and logits."""
+    llm, L = model.llm, x.shape[1]
+    cos, sin = rope_cos_sin(torch.arange(L)[None], CFG.n_embd // CFG.n_head, CFG.rope_theta, x.dtype)
+    hs, h = [x], x
+    for block in llm.model.layers:
+        h = block(h, cos, sin, build_mask(torch.ones(1, L, dtype=torch.bool), frm))
+        hs.append(h)
+    return [hs[i][0] for i in layers], llm.lm_head(llm.model.norm(h))[0]
+
+
+@pytest.mark.parametrize("capture_layer", [0, 1])  # 0: the compressor outputs F_V (E.T. Chat's choice)
+def test_teacher_forced_pass_equals_one_slow_full_pass(capture_layer):
+    """Each response <evi> input = its embedding + the mean of block `capture_layer`'s frame states over its interval
+    from a slow prompt pass; each question-side <evi> = embedding + the mean of F_V over its src interval; the prompt
+    pass + cached response pass gives the logits and sims of one slow pass over prompt + response."""
+    torch.manual_seed(0)
+    model = D2VLM(replace(CFG, capture_layer=capture_layer)).eval()
+    b = collate(SAMPLES, 0)
+    seen = capture(model)
     with torch.no_grad():
         logits, sim, f_evi = model(b)
         F_V = model.frame_tokens(b["frames"], b["frm_valid"], b["q_ids"], b["q_valid"])
-    emb = model.llm.model.embed_tokens.weight
-    for n, (bb, pos) in enumerate(zip(b["evi_b"].tolist(), b["evi_pos"].tolist())):
-        s, e = b["evi_span"][n].tolist()
-        pooled = sum(F_V[bb, t] for t in range(s, e + 1)) / (e - s + 1)
-        torch.testing.assert_close(seen["x"][bb, pos], emb[4] + pooled, atol=1e-5, rtol=1e-5)
-        frames_at = [i for i, tok in enumerate(b["ids"][bb].tolist()) if tok == 3]
-        for t, i in enumerate(frames_at):
-            want = model.evi_head(seen["h"][bb, pos - 1]) @ model.frm_head(seen["h"][bb, i]) / math.sqrt(CFG.n_embd)
-            torch.testing.assert_close(sim[n, t], want, atol=1e-5, rtol=1e-5)
-    for bb in range(2):  # frame tokens replace the placeholders, also in the sample with padding frames
-        frames_at = [i for i, tok in enumerate(b["ids"][bb].tolist()) if tok == 3]
-        for t, i in enumerate(frames_at):
-            torch.testing.assert_close(seen["x"][bb, i], F_V[bb, t])
-        assert len(frames_at) == int(b["frm_valid"][bb].sum())
-    assert F_V[1, 3:].abs().max() == 0  # padding frames: zeros
+    E = model.llm.model.embed_tokens.weight
+    x_prompt, x_resp = seen
+    n_evi = 0
+    for i, s in enumerate(SAMPLES):
+        T, P, r = len(s["times"]), len(s["ids"]), s["responses"][0]
+        prompt = x_prompt[i, :P]
+        for m, (a, e) in enumerate(s["src_span"].tolist()):
+            torch.testing.assert_close(prompt[T + 2 + m], E[4] + F_V[i, a:e + 1].mean(0))
+        frm = (s["ids"] == 3)[None]
+        with torch.no_grad():
+            (cap,), _ = slow_pass(model, prompt[None], frm, [capture_layer])
+            for k, (a, e) in enumerate(r["evi_span"].tolist()):
+                pooled = cap[1:1 + T][a:e + 1].mean(0)
+                torch.testing.assert_close(x_resp[i, r["evi_pos"][k]], E[4] + pooled, atol=1e-5, rtol=1e-5)
+            R = len(r["resp"])
+            whole = torch.cat([prompt, x_resp[i, :R]])[None]
+            frm = torch.cat([frm, torch.zeros(1, R, dtype=torch.bool)], 1)
+            (h,), full = slow_pass(model, whole, frm, [CFG.evi_layer])
+        torch.testing.assert_close(logits[i, :R], full[P - 1:P + R - 1], atol=1e-5, rtol=1e-5)
+        for k, j in enumerate(r["evi_pos"].tolist()):
+            want = model.frm_head(h[1:1 + T]) @ model.evi_head(h[P + j - 1]) / math.sqrt(CFG.n_embd)
+            torch.testing.assert_close(sim[n_evi, :T], want, atol=1e-5, rtol=1e-5)
+            n_evi += 1
+
+
+def test_a_padded_batch_gives_what_each_sample_gives_alone():
+    torch.manual_seed(0)
+    model = D2VLM(CFG).eval()
+    with torch.no_grad():
+        logits, sim, f_evi = model(collate(SAMPLES, 0))
+        n = 0
+        for i, s in enumerate(SAMPLES):
+            l1, s1, f1 = model(collate([s], 0))
+            T, R, K = len(s["times"]), len(s["responses"][0]["resp"]), len(s1)
+            torch.testing.assert_close(logits[i, :R], l1[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sim[n:n + K, :T], s1, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(f_evi[n:n + K], f1, atol=1e-5, rtol=1e-5)
+            n += K
+
+
+class Script(torch.nn.Module):
+    """An lm_head that emits a fixed token sequence whatever it sees."""
+
+    def __init__(self, tokens, head):
+        super().__init__()
+        self.tokens, self.vocab, self.weight = iter(tokens), head.weight.shape[0], head.weight
+
+    def forward(self, x):
+        logits = torch.full((*x.shape[:-1], self.vocab), -1e4)
+        logits[..., next(self.tokens)] = 0
+        return logits
 
 
 @pytest.mark.parametrize("unit", ["event", "frame"])  # frame: the Tab. 6 ablation, one boundary frame per <evi>
-def test_generate_grounds_each_evi_with_the_inference_rule(unit):
+def test_generate_grounds_each_evi_and_feeds_the_teacher_forced_inputs(unit):
+    """Each generated <evi> takes the inference rule's span of its sims; the inputs generation feeds equal the
+    teacher-forced pass's on the same ids and spans (capture and src included)."""
     torch.manual_seed(0)
     model = D2VLM(replace(CFG, evi_unit=unit)).eval()
-    with torch.no_grad():  # make the model emit <evi> <evi> </evi> <evi> <|end|> whatever it sees
-        model.llm.lm_head.weight.zero_()
-    script = iter([4, 4, 5, 4, 6])
-    real = model.llm.forward
-
-    def forced(*a, **k):
-        logits, h = real(*a, **k)
-        logits = torch.full_like(logits, -1e4)
-        logits[..., next(script)] = 0
-        return logits, h
-    model.llm.forward = forced
-    frames, times = torch.randn(6, 3, 16, 16), torch.arange(6.0) * 2
-    out, evis = model.generate(frames, times, [2, 11, 3], [7, 3, 3, 3, 3, 3, 3, 8], max_new_tokens=10)
-    assert out == [4, 4, 5, 4, 6]
-    assert [e["stage"] for e in evis] == [1, 1, 2]
+    tokens = [4, 4, 5, 9, 4, 10, 4, 6]
+    head = model.llm.lm_head
+    model.llm.lm_head = Script(tokens, head)
+    s = SAMPLES[0]
+    seen = capture(model)
+    out, evis = model.generate(s["frames"], s["times"] * 2, s["q_ids"].tolist(), s["ids"].tolist(), max_new_tokens=10,
+                               src=[[2, 4]])
+    assert out == tokens
+    assert [e["stage"] for e in evis] == [1, 1, 2, 2]
     for e in evis:
         p = torch.sigmoid(torch.tensor(e["sim"])).tolist()
-        s, t = slow_span(p) if unit == "event" else (p.index(max(p)),) * 2
-        assert e["span"] == (s, t) and e["seconds"] == (2.0 * s, 2.0 * t)
+        a, z = slow_span(p) if unit == "event" else (p.index(max(p)),) * 2
+        assert e["span"] == (a, z) and e["seconds"] == (2.0 * a, 2.0 * z)
+    fed = torch.cat(seen, 1)[0]  # the prompt, then one input per generated token but the last
+    model.llm.lm_head = head
+    spans = [list(e["span"]) for e in evis]
+    tf = sample(5, tokens, spans, src=[[2, 4]], seed=0)
+    seen.clear()
+    with torch.no_grad():
+        model(collate([tf], 0))
+    torch.testing.assert_close(fed, torch.cat([seen[0][0], seen[1][0, :-1]]), atol=1e-5, rtol=1e-5)
 
 
 def test_full_model_size_on_meta_device():
@@ -119,7 +189,7 @@ def test_forward_traces_with_one_graph_break():
     """torch.compile sees the whole teacher-forced pass as two graphs: the only data-dependent step is finding the
     real frames of a padded batch (frame_tokens' nonzero); frame placement and frm_head gathers have fixed shapes."""
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(D2VLM(CFG))(batch())
+    explained = torch._dynamo.explain(D2VLM(CFG))(collate(SAMPLES, 0))
     assert (explained.graph_count, explained.graph_break_count) == (2, 1)
 
 
@@ -132,7 +202,7 @@ def test_frozen_weights_in_bf16_under_autocast():
     model = D2VLM(cfg)
     add_lora(model.llm, cfg)
     mark_trainable(model, extra=LORA_EXTRA)
-    b = batch()
+    b = collate(SAMPLES, 0)
     score = lambda logits, sim, f_evi: logits.float().logsumexp(-1).mean() + sim.float().square().mean()
     want = score(*model(b)).item()
     cast_frozen(model.llm, torch.bfloat16)
@@ -143,7 +213,7 @@ def test_frozen_weights_in_bf16_under_autocast():
         got = score(*model(b))
         got.backward()
         out, evis = model.generate(torch.randn(6, 3, 16, 16), torch.arange(6.0), [2, 11, 3], [7, 3, 3, 3, 3, 3, 3, 8],
-                                   max_new_tokens=4)
+                                   max_new_tokens=4, temperature=1.0)
     assert got.item() == pytest.approx(want, rel=2e-2)
     for name, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, name

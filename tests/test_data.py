@@ -99,29 +99,29 @@ def test_collated_batch(tmp_path):
     T = [12, 8]  # 6 s and 4 s at 2 fps
     assert b["frames"].shape == (2, 12, 3, 32, 32) and b["frm_valid"].sum(1).tolist() == T
     assert b["frames"][1, 8:].abs().sum() == 0 and b["times"][0, :12].tolist() == [i / 2 for i in range(12)]
+    assert b["resp_b"].tolist() == [0, 1]
     for i, r in enumerate(recs):
-        ids, labels, valid = b["ids"][i], b["labels"][i], b["valid"][i]
+        ids, valid = b["ids"][i], b["valid"][i]
+        resp, labels, resp_valid = b["resp"][i], b["labels"][i], b["resp_valid"][i]
         assert (ids == tok.image_id).sum() == T[i]  # one placeholder per frame
         assert tok.decode(labels[labels != -100]) == r["conversations"][1]["value"] + "<|end|>"
-        sup = (labels != -100).nonzero().flatten()
-        assert sup[-1] == valid.sum() - 1 and (sup.diff() == 1).all()  # the response is the contiguous tail
-        assert (ids[~valid] == tok.pad_id).all() and (labels[~valid] == -100).all()
-        assert tok.decode(ids[valid]).endswith(tok.chat("<image>" * T[i] + r["conversations"][0]["value"][7:],
-                                                        r["conversations"][1]["value"]))
+        assert (labels[resp_valid] == resp[resp_valid]).all() and (labels[~resp_valid] == -100).all()
+        assert (ids[~valid] == tok.pad_id).all() and (resp[~resp_valid] == tok.pad_id).all()
+        assert tok.decode(ids[valid]) == tok.chat("<image>" * T[i] + r["conversations"][0]["value"][7:])
         q = r["conversations"][0]["value"].replace("<image>\n", "")
         assert b["q_ids"][i, b["q_valid"][i]].tolist() == q_tokenize(q)
-    assert (b["ids"][b["evi_b"], b["evi_pos"]] == tok.evi_id).all()
+    assert (b["resp"][b["evi_b"], b["evi_pos"]] == tok.evi_id).all()
     assert b["evi_b"].tolist() == [0, 0, 0, 0, 1, 1]
     assert b["evi_stage"].tolist() == [1, 1, 2, 2, 1, 2] and b["evi_k"].tolist() == [0, 1, 0, 1, 0, 0]
     assert b["evi_y"].shape == (6, 12) and b["evi_span"].shape == (6, 2)
-    for n in range(6):  # targets are the interval indicator at the kept frame times
+    for n in range(6):  # targets: each interval end rounded to its nearest frame (half to even), inclusive
         bi, st, k = b["evi_b"][n].item(), b["evi_stage"][n].item(), b["evi_k"][n].item()
         s, e = recs[bi]["time_gt"]["evidence_grounding" if st == 1 else "interleaved_response"][k]
-        t = b["times"][bi, :T[bi]]
-        y = ((t >= s) & (t <= e)).float()
+        a, z = round(s * 2), min(round(e * 2), T[bi] - 1)  # 2 fps: frame t at t / 2 seconds
+        y = torch.tensor([float(a <= t <= z) for t in range(T[bi])])
         assert b["evi_y"][n, :T[bi]].tolist() == y.tolist() and b["evi_y"][n, T[bi]:].sum() == 0
-        inside = y.nonzero().flatten()
-        assert b["evi_span"][n].tolist() == [inside[0].item(), inside[-1].item()]
+        assert b["evi_span"][n].tolist() == [a, z]
+    assert b["src_pos"].numel() == 0 and b["src_span"].shape == (0, 2)
 
 
 def test_cache_hits_without_decoding_and_misses_on_new_settings(tmp_path, monkeypatch):
@@ -164,7 +164,7 @@ def test_ablations_rewrite_the_response():
                              {"from": "gpt", "value": "<evi> <evi> </evi> The circle flashes in <evi> and <evi>."}]}
     cfg = SimpleNamespace(interleave=False, evi_unit="event")
     r = ablate(rec, cfg)
-    assert r["conversations"][1]["value"] == "<evi> <evi> </evi> The circle flashes in 1s - 4.5s and 10s - 12s."
+    assert r["conversations"][1]["value"] == "<evi> <evi> </evi> The circle flashes in 1 - 4.5 and 10 - 12."
     assert r["time_gt"] == {"evidence_grounding": [[1.0, 4.5], [10.0, 12.0]], "interleaved_response": []}
     r = ablate(rec, SimpleNamespace(interleave=True, evi_unit="frame"))
     assert r["conversations"][1]["value"] == "<evi> <evi> <evi> <evi> </evi> The circle flashes in <evi> <evi> and <evi> <evi>."
@@ -183,3 +183,16 @@ def test_frame_cache_memory_is_bounded_least_recently_used_first(tmp_path, monke
         cache.get(tmp_path / f"v{i}.mp4", fps=1, size=32)
     assert [os.path.basename(p) for p in calls[1:]] == ["v0.mp4", "v1.mp4", "v2.mp4", "v1.mp4"]
     assert len(cache.mem) == 2 and cache.used == 2 * one
+
+
+def test_frame_span_rounds_like_the_released_code():
+    """Interval ends -> frames as released at 1 fps: Python round (half to even), clamped, a reversed pair flipped;
+    FPO's soft targets use the unrounded ends."""
+    times = torch.arange(10.0)
+    assert frame_span(times, [4.5, 6.5]) == (4, 6) and frame_span(times, [5.5, 7.4]) == (6, 7)
+    assert frame_span(times, [7, 3]) == (3, 7) and frame_span(times, [8, 20]) == (8, 9)
+    assert frame_span(torch.arange(10.0) / 2, [1.25, 2.0]) == (2, 4)  # 2 fps: frames by their real times
+    y = frame_targets(times, [4.5, 6.5], alpha=2.0)
+    assert y[3:8].tolist() == [0.5, 1.0, 1.0, 1.0, 0.5]
+    y = frame_targets(times, [4.5, 6.5], alpha=2.0, exact=True)
+    assert y[3:9].tolist() == pytest.approx([2 ** -1.5, 2 ** -0.5, 1.0, 1.0, 2 ** -0.5, 2 ** -1.5])

@@ -34,12 +34,13 @@ def test_logits_match_hf(pair):
     valid = torch.ones_like(ids, dtype=torch.bool)
     pos = torch.arange(17).expand(2, -1)
     with torch.no_grad():
-        logits, h = ours(ours.model.embed_tokens(ids), pos, build_mask(valid))
+        out, (h2, h1, h0) = ours(ours.model.embed_tokens(ids), pos, build_mask(valid), keep=(-2, 1, 0))
+        logits = ours.lm_head(out)
         ref = hf(ids, output_hidden_states=True)
     assert torch.allclose(logits, ref.logits, atol=1e-4), (logits - ref.logits).abs().max()
-    # h = output of block -2 = HF hidden_states[-2] (hidden_states[0] is the embedding output)
-    _, h2 = ours(ours.model.embed_tokens(ids), pos, build_mask(valid), hidden_layer=-2)
-    assert torch.allclose(h2, ref.hidden_states[-2], atol=1e-5)
+    # kept states are numbered as HF's hidden_states: 0 the embeddings, i the output of block i, -2 the one before last
+    for h, i in ((h2, -2), (h1, 1), (h0, 0)):
+        assert torch.allclose(h, ref.hidden_states[i], atol=1e-5)
 
 
 @torch.no_grad()
@@ -56,7 +57,7 @@ def test_greedy_with_kv_cache_matches_hf_generate(pair):
     valid = attn.bool()
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
     cache = ours.new_cache(2, 9 + 20)
-    logits, _ = ours(ours.model.embed_tokens(ids), pos, build_mask(valid), cache)
+    logits = ours.lm_head(ours(ours.model.embed_tokens(ids), pos, build_mask(valid), cache)[0])
     out = []
     for _ in range(20):
         logits[..., 2] = -float("inf")  # what min_new_tokens does to eos in HF
@@ -64,7 +65,7 @@ def test_greedy_with_kv_cache_matches_hf_generate(pair):
         out.append(nxt)
         pos = pos[:, -1:] + 1
         valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], dim=1)
-        logits, _ = ours(ours.model.embed_tokens(nxt[:, None]), pos, build_mask(valid, n_query=1), cache)
+        logits = ours.lm_head(ours(ours.model.embed_tokens(nxt[:, None]), pos, build_mask(valid, n_query=1), cache)[0])
     assert cache.n == 9 + 20
     assert torch.equal(torch.stack(out, 1), ref)
 
@@ -77,7 +78,7 @@ def test_frame_tokens_attend_bidirectionally():
     valid = torch.ones(1, 10, dtype=torch.bool)
     frm = torch.zeros(1, 10, dtype=torch.bool)
     frm[0, 2:6] = True
-    hidden = lambda x, frm: model(x, pos, build_mask(valid, frm))[1][0]
+    hidden = lambda x, frm: model(x, pos, build_mask(valid, frm), keep=(-1,))[1][0][0]
     x5, x7 = x.clone(), x.clone()
     x5[0, 5] += 1.0
     x7[0, 7] += 1.0
@@ -97,8 +98,8 @@ def test_build_mask_padding_rows_do_not_nan():
     assert mask[0, 0].sum(-1).min() >= 1
     assert mask[0, 0, 0].tolist() == [True, True, False, False]  # frame 0 sees frame 1, not padding frame 2
     model = Phi3(CFG)
-    logits, _ = model(torch.randn(1, 4, 64), torch.arange(4)[None], mask)
-    assert torch.isfinite(logits).all()
+    out, _ = model(torch.randn(1, 4, 64), torch.arange(4)[None], mask)
+    assert torch.isfinite(out).all()
 
 
 def test_full_config_parameter_count_on_meta():
@@ -109,12 +110,21 @@ def test_full_config_parameter_count_on_meta():
 
 
 def test_text_generate_matches_hf_generate(pair):
-    """Phi3.generate (text only: synth.py --llm, the benchmark) gives HF's greedy ids, stopping after end_id."""
+    """Phi3.generate, the one decode loop (synth.py --llm, the benchmark, D2VLM), gives HF's greedy ids, stopping
+    after end_id, also with the released repetition penalty 1.2 over the prompt and the generated ids."""
     hf, ours = pair
     torch.manual_seed(2)
+    gen = lambda ids, n, **kw: ours.generate(ours.model.embed_tokens(torch.tensor([ids])), n, **kw)  # noqa: E731
     for n in (1, 20):
         ids = torch.randint(3, 100, (1, 7))
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                           pad_token_id=0, eos_token_id=2)[0, 7:].tolist()
-        assert ours.generate(ids[0].tolist(), n, end_id=2) == ref
-    assert ours.generate([5, 6, 7], 3, end_id=ours.generate([5, 6, 7], 1)[0]) == ours.generate([5, 6, 7], 1)
+        assert gen(ids[0].tolist(), n, end_id=2) == ref
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                          pad_token_id=0, eos_token_id=2, repetition_penalty=1.2)[0, 7:].tolist()
+        assert gen(ids[0].tolist(), n, end_id=2, penalty=1.2, seen=ids[0].tolist()) == ref
+    assert gen([5, 6, 7], 3, end_id=gen([5, 6, 7], 1)[0]) == gen([5, 6, 7], 1)
+    plain, penalised = gen([5, 6, 7], 30), gen([5, 6, 7], 30, penalty=3.0, seen=[5, 6, 7])
+    assert plain != penalised and len(set(penalised)) > len(set(plain))  # the penalty makes repeats rarer
+    sampled = [gen([5, 6, 7], 30, temperature=1.0, seed=s) for s in (0, 0, 1)]
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling: reproducible, and not the greedy path

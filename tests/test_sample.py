@@ -54,10 +54,10 @@ def scripted(monkeypatch, script):
 
     def load_scripted(ckpt, dev="cpu"):
         model, tok, wp, state = load(ckpt, dev)
-        ids, lm_head = iter(script(tok)), model.llm.lm_head.forward
+        ids, vocab = iter(script(tok)), model.llm.lm_head.weight.shape[0]
 
-        def forced(h):  # the real hidden states: <evi> grounding still runs on them
-            logits = torch.full_like(lm_head(h), -1e4)
+        def forced(x):  # only the logits: <evi> grounding still runs on the real hidden states
+            logits = torch.full((*x.shape[:-1], vocab), -1e4)
             logits[..., next(ids, tok.end_id)] = 0
             return logits
         model.llm.lm_head.forward = forced
@@ -170,7 +170,7 @@ def test_dense_captions_follow_their_answer_spans(tmp, monkeypatch, mode):
     from nanod2vlm.data import read_video
     said = {"event": "<evi> <evi> </evi> <evi> A red square appears. <evi> A blue circle appears.",
             "frame": "<evi> <evi> <evi> <evi> </evi> <evi> <evi> A red square appears. <evi> <evi> A blue circle appears.",
-            "text": "<evi> <evi> </evi> 1s - 4s A red square appears. 6s - 9.5s A blue circle appears."}[mode]
+            "text": "<evi> <evi> </evi> 1 - 4 A red square appears. 6 - 9.5 A blue circle appears."}[mode]
     scripted(monkeypatch, lambda tok: tok.encode(said))
     model, tok, wp, _ = sample.load_model(str(tmp / "run"))
     model.cfg = replace(model.cfg, evi_unit="frame" if mode == "frame" else "event", interleave=mode != "text")

@@ -138,51 +138,33 @@ def test_a_bad_checkpoint_stops_with_a_clear_error_and_changes_nothing(tmp, sft,
     assert files(out) == before  # the last good checkpoints (steps 4 and 8's good files) are untouched
 
 
-@pytest.mark.parametrize("form", ["default", "eq4"])
-def test_fpo_from_the_sft_run_lowers_its_loss(tmp, sft, form):
-    """The --stage=fpo default (frozen reference, perturbed-event scope) and Eq. (4) as written (neither)."""
+def test_fpo_from_the_sft_run_lowers_its_loss(tmp, sft):
+    """The --stage=fpo default, the released objective: SFT terms on the chosen response + Eq. (4), no reference."""
     pairs, _ = synth.synth(read_annotations(tmp / "world" / "train.json"), seed=0)
     # the batch is every pair (one epoch per step), so each step's loss and margin are measured on the same data
-    hist = run(tmp, f"fpo-{form}", "--stage=fpo", f"--init={tmp}/sft", f"--batch_size={len(pairs)}", "--steps=4",
-               "--lr=1e-2", "--beta=0.1", *(["--ref=false", "--fpo_scope=all"] if form == "eq4" else []))
+    hist = run(tmp, "fpo", "--stage=fpo", f"--init={tmp}/sft", f"--batch_size={len(pairs)}", "--steps=4", "--lr=1e-2")
     assert json.load(open(tmp / "world" / "fpo_pairs.json")) == pairs  # train.py ran synth.py with its seed
     assert all(math.isfinite(h["fpo"]) and math.isfinite(h["margin"]) for h in hist)
-    # the loss falls at every step (default 0.69 -> 0.51, eq4 0.95 -> 0.77 at this seed); the mean margin need not
-    # rise every step (the loss is nonlinear in the margins: a step favours the worst pairs), but it ends well above
-    # where it began (default 7.3 -> 19.5, eq4 2.5 -> 5.2)
-    losses, margins = [h["fpo"] for h in hist], [h["margin"] for h in hist]
+    # the total falls at every step and the preference term ends below where it began (the SFT terms dominate the
+    # total at this scale: 0.87 -> 0.83 of 12.2 -> 9.9 at this seed; the mean margin is not what Eq. (4) optimises)
+    losses = [h["loss"] for h in hist]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
-    assert margins[-1] > margins[0] + 1.0, margins
-    if form == "default":  # the reference is the starting model: at step 1 every pair's margin cancels
-        assert losses[0] == pytest.approx(math.log(2), abs=1e-6)
-    state = read_state(tmp / f"fpo-{form}" / "step-000004")
+    assert hist[-1]["fpo"] < hist[0]["fpo"], hist
+    for h in hist:  # the total is the SFT terms (released weights 10 / 10) plus the preference term
+        assert h["loss"] == pytest.approx(h["sft"] + 10 * h["gnd"] + 10 * h["cons"] + h["fpo"], rel=1e-5)
+    state = read_state(tmp / "fpo" / "step-000004")
     assert state["config"]["n_embd"] == 32 and state["train"]["init"] == f"{tmp}/sft"  # the SFT run's model
-    assert (state["train"]["ref"], state["train"]["fpo_scope"]) == ((True, "event") if form == "default" else (False, "all"))
+    assert (state["train"]["beta"], state["train"]["w_gnd"], state["train"]["w_cons"], state["train"]["soft_alpha"]) \
+        == (0.1, 10.0, 10.0, 2.0)
 
 
-def test_fpo_resume_keeps_the_sft_model_as_reference(tmp, sft):
-    """A resumed FPO run compares against the --init (SFT) model, not against the checkpoint it resumes from."""
+def test_fpo_kill_and_resume_reproduces_the_uninterrupted_run(tmp, sft):
     fpo = ["--stage=fpo", f"--init={tmp}/sft", "--steps=4", "--ckpt_every=2", "--lr=1e-2"]
     whole = run(tmp, "fpo-whole", *fpo)
     shutil.copytree(tmp / "fpo-whole", tmp / "fpo-killed")
     shutil.rmtree(tmp / "fpo-killed" / "step-000004")
     (tmp / "fpo-killed" / "latest").write_text("step-000002")
     assert run(tmp, "fpo-killed", *fpo, "--resume") == whole
-
-
-def test_fpo_event_scope_keeps_only_the_perturbed_event():
-    from train import only_events
-    ids = torch.tensor([1, 2, 4, 4, 5, 9, 4, 10, 11, 4, 12, 6])  # <evi>=4 </evi>=5: two events, text after each ref
-    labels = ids.clone()
-    labels[:2] = -100
-    s = dict(ids=ids, labels=labels, evi_pos=torch.tensor([2, 3, 6, 9]), evi_stage=torch.tensor([1, 1, 2, 2]),
-             evi_k=torch.tensor([0, 1, 0, 1]), evi_span=torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]]),
-             evi_y=torch.rand(4, 5))
-    out = only_events(s, [1])
-    assert out["labels"].tolist() == [-100, -100, -100, 4, -100, -100, -100, -100, -100, 4, 12, 6]
-    assert out["evi_pos"].tolist() == [3, 9] and out["evi_k"].tolist() == [1, 1]
-    assert torch.equal(out["evi_y"], s["evi_y"][[1, 3]])
-    assert only_events(s, [])["labels"].eq(-100).all()
 
 
 def test_vit_cache_trains_on_cached_features_with_the_same_losses(tmp, sft):
