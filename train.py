@@ -20,7 +20,7 @@ from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import CheckpointError, build_d2vlm, latest, load_model, load_optimizer, save_checkpoint
 from nanod2vlm.model import CONFIGS, cast_frozen, mark_trainable
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
-from sample import evaluate, print_metrics
+from nanod2vlm.eval import evaluate, predictions_path, print_metrics
 
 
 @dataclass
@@ -302,7 +302,7 @@ def main(argv):
         eval_json = t.eval_json or os.path.join(t.data, "test.json")
         if eval_json != "none":
             with amp(dev):
-                metrics = evaluate(model.eval(), tok, wp, eval_json, cache, os.path.join(t.out, "predictions.json"))
+                metrics = evaluate(model.eval(), tok, wp, eval_json, cache, predictions_path(t.out, eval_json))
             print_metrics(metrics)
             with open(os.path.join(t.out, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
