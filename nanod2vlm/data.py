@@ -4,10 +4,13 @@ Video -> frames at 1 fps (real presentation times kept), short side resized to 2
 normalisation, as released. Annotations: App. B's time_gt records (and the released tgt/src form); the batch format is
 the one the model and losses consume (collate).
 """
+import functools
 import hashlib
 import json
 import math
 import os
+import sys
+import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -16,6 +19,7 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -23,10 +27,45 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # -----------------------------------------------------------------------------
+# bad inputs: one line for the user, not a traceback
+
+
+class InputError(ValueError):
+    """A bad input (a file, an option): the message names it and the fix."""
+
+
+def cli(main):
+    """A script's main(argv) that ends a bad input (InputError: bad videos, annotations, checkpoints, options) or a
+    file that cannot be read or written (OSError: a read-only folder, a full disk) in one line `error: ...` and exit
+    status 1 (argparse's usage errors: 2), instead of a traceback."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except InputError as e:
+            sys.exit(f"error: {e}")
+        except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+            where = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
+            sys.exit(f"error: {where} (a read-only folder or a full disk? nothing written before is lost)")
+    return run
+
+
+def writable(path, option):
+    """Fail now, before the long work, if `path` (a file or folder to write, maybe not there yet) cannot be written:
+    its nearest existing folder must take a new file."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot write in {folder} ({e.strerror}); choose another folder") from None
+
+# -----------------------------------------------------------------------------
 # video
 
 
-class VideoError(ValueError):
+class VideoError(InputError):
     def __init__(self, path, reason):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = str(path), reason
@@ -39,14 +78,17 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
     frame rates and 29.97 fps come out right: for each target k/fps we keep the first frame whose time is
     >= the target. A frame that is the first for several targets (a gap in a variable-frame-rate video) is kept
     once, so times are strictly increasing real times. More than `max_frames` kept frames are uniformly
-    subsampled (times stay the real ones). The whole stream is decoded in order: on a 60 s 30 fps 224p x264 clip
-    (keyframe every 8.3 s) that ran ~100 video-s per wall-s vs ~30 seeking to each target; seeking wins only when
-    keyframes are closer than 1/fps. A file that breaks off mid-stream (truncated with its index intact) keeps
-    its decodable prefix with a warning; nothing decodable (e.g. an mp4 without its moov index) -> VideoError.
+    subsampled (times stay the real ones); a long video is thinned while it decodes, every other kept frame dropped
+    whenever more than 2 * max_frames are held (105 MB at 224 px), so it never holds all its 1-fps frames. The
+    display matrix's rotation (a phone's portrait video) is applied: frames are upright, as players show them.
+    The whole stream is decoded in order: on a 60 s 30 fps 224p x264 clip (keyframe every 8.3 s) that ran ~100
+    video-s per wall-s vs ~30 seeking to each target; seeking wins only when keyframes are closer than 1/fps. A file
+    that breaks off mid-stream (truncated with its index intact) keeps its decodable prefix with a warning; nothing
+    decodable (e.g. an mp4 without its moov index) -> VideoError.
     """
     if not os.path.isfile(path):
-        raise VideoError(path, "file not found")
-    frames, times = [], []
+        raise VideoError(path, "a folder, not a video file" if os.path.isdir(path) else "file not found")
+    frames, times, stride, k = [], [], 1, 0  # k: the 1-fps target's number, every stride-th one kept
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -61,33 +103,36 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
                     continue
                 t = float(frame.pts * frame.time_base) - t0
                 if t >= target - 1e-6:
-                    frames.append(_resize_crop(frame, size))
-                    times.append(t)
+                    if k % stride == 0:
+                        frames.append(_resize_crop(frame, size))
+                        times.append(t)
+                    if len(frames) > 2 * max_frames:  # thin out: the kept ones are every (2 * stride)-th
+                        frames, times, stride = frames[::2], times[::2], 2 * stride
+                    k, last = k + 1, t
                     target = (math.floor(t * fps + 1e-6) + 1) / fps  # next target after t
     except av.FFmpegError as e:
         if not frames:
             raise VideoError(path, f"cannot decode: {e.strerror or e} (not a video file, or truncated?)") from None
-        warnings.warn(f"{path}: decoding stopped after {times[-1]:.2f}s ({e.strerror or e}); keeping that prefix")
+        warnings.warn(f"{path}: decoding stopped after {last:.2f}s ({e.strerror or e}); keeping that prefix")
     if not frames:
         raise VideoError(path, "no decodable video frames")
-    if duration and times[-1] < duration - 1.0 / fps - 1.0:
-        warnings.warn(f"{path}: frames end at {times[-1]:.2f}s of {duration:.2f}s (truncated file?)")
-    frames, times = torch.stack(frames), torch.tensor(times)
-    if len(times) > max_frames:  # uniform subsample, real times kept
-        idx = torch.linspace(0, len(times) - 1, max_frames).round().long()
-        frames, times = frames[idx], times[idx]
-    return frames, times
+    if duration and last < duration - 1.0 / fps - 1.0:
+        warnings.warn(f"{path}: frames end at {last:.2f}s of {duration:.2f}s (truncated file?)")
+    idx = torch.linspace(0, len(times) - 1, min(len(times), max_frames)).round().long()  # uniform, real times kept
+    return torch.stack([frames[i] for i in idx]), torch.tensor(times)[idx]
 
 
 def _resize_crop(frame, size):
     """Short side -> size with swscale's bilinear filter (it widens with the scale factor, i.e. antialiased),
-    then a center crop to size x size. Returns uint8 (3, size, size)."""
+    then a center crop to size x size, turned by the display matrix's rotation (frame.rotation, degrees
+    counterclockwise). Returns uint8 (3, size, size)."""
     w, h = frame.width, frame.height
     s = size / min(w, h)
     w2, h2 = max(size, round(w * s)), max(size, round(h * s))
     x = frame.to_ndarray(width=w2, height=h2, format="rgb24", interpolation="BILINEAR")  # (h2, w2, 3)
     top, left = (h2 - size) // 2, (w2 - size) // 2
-    return torch.from_numpy(x[top:top + size, left:left + size]).permute(2, 0, 1).contiguous()
+    x = np.rot90(x[top:top + size, left:left + size], round(frame.rotation / 90))  # the crop is centred: turn it
+    return torch.from_numpy(x.copy()).permute(2, 0, 1).contiguous()
 
 
 def normalize(frames):
@@ -100,43 +145,54 @@ def normalize(frames):
 # annotations (App. B)
 
 
-class AnnotationError(ValueError):
+class AnnotationError(InputError):
     pass
 
 
-def read_annotations(path):
+def read_annotations(path, videos=None):
     """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e] (and
-    `src`, if any, as a list of [s, e]). Every record is checked; all malformed records of the file are reported
-    together in one AnnotationError (none silently dropped)."""
+    `src`, if any, as a list of [s, e]). Every record is checked (with `videos`, a folder: its video is there too);
+    all malformed records of the file are reported together in one AnnotationError (none silently dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise AnnotationError(f"{path}: annotation file not found")
+        raise AnnotationError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
+                                            "annotation file not found"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    try:
+        whole = json.loads(text)  # JSON lines fail here, after their first record
+    except json.JSONDecodeError as e:
+        whole = e
     records, errors = [], []  # records: (where, record)
-    with open(path, encoding="utf-8") as f:
-        first = f.read(1)
-        while first.isspace():
-            first = f.read(1)
-        f.seek(0)
-        if first == "[":  # a JSON list
+    if isinstance(whole, list):
+        records = [(f"record {i}", r) for i, r in enumerate(whole)]
+    elif text.lstrip().startswith("["):
+        raise AnnotationError(f"{path}: not valid JSON: {whole}")
+    elif isinstance(whole, dict) and len(lines) > 1:  # e.g. {"annotations": [...]} over several lines
+        raise AnnotationError(f"{path}: one JSON object; give a JSON list of records or JSON lines (one per line)")
+    else:  # JSON lines
+        for n, line in lines:
+            where = f"record {len(records) + len(errors)} (line {n})"
             try:
-                records = [(f"record {i}", r) for i, r in enumerate(json.load(f))]
+                records.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise AnnotationError(f"{path}: not valid JSON: {e}") from None
-        else:  # JSON-lines, streamed line by line
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    where = f"record {len(records) + len(errors)} (line {n})"
-                    try:
-                        records.append((where, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        errors.append(f"{where}: not valid JSON: {e}")
+                errors.append(f"{where}: not valid JSON: {e}")
+    if not records and not errors:
+        raise AnnotationError(f"{path}: no records (an empty file or list)")
     for where, r in records:
         if isinstance(r, dict):
             _normalize(r)
-        if problems := _check_record(r):
+        problems = _check_record(r)
+        if not problems and videos is not None and not os.path.isfile(os.path.join(videos, r["video"])):
+            problems.append(f"video {os.path.join(videos, r['video'])} not found")
+        if problems:
             errors.append(f"{where}: " + "; ".join(problems))
     if errors:
-        raise AnnotationError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors))
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise AnnotationError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors[:10]) + more)
     return [r for _, r in records]
 
 
@@ -168,6 +224,8 @@ def _check_record(r):
     d = r.get("duration")
     if not isinstance(d, (int, float)) or isinstance(d, bool) or not d > 0:
         problems.append(f"'duration' must be a number > 0, got {d!r}")
+        d = math.inf  # intervals are then checked without it
+    in_video = lambda p: _is_number_pair(p) and 0 <= p[0] <= p[1] <= d + 1  # noqa: E731 (1 s: rounded times)
     conv = r.get("conversations")
     turns = {c.get("from"): c.get("value") for c in conv if isinstance(c, dict)} if isinstance(conv, list) else {}
     if not isinstance(turns.get("human"), str) or turns["human"].count("<image>") != 1:
@@ -178,8 +236,9 @@ def _check_record(r):
     if "<image>" in turns["gpt"]:
         problems.append("the gpt value contains <image> (a frame placeholder; only the human turn may have it)")
     for key in ("tgt", "src"):  # _normalize made them lists of pairs where it could
-        if key in r and not (isinstance(r[key], list) and all(_is_number_pair(p) and p[0] >= 0 for p in r[key])):
-            problems.append(f"'{key}' must be a flat list [s1, e1, s2, e2, ...] of seconds >= 0, got {r[key]!r}")
+        if key in r and not (isinstance(r[key], list) and all(in_video(p) for p in r[key])):
+            problems.append(f"'{key}' must be a flat list [s1, e1, s2, e2, ...] of seconds in [0, duration], got "
+                            f"{r[key]!r}")
     n_src = len(r["src"]) if isinstance(r.get("src"), list) else 0
     n_q = str(turns.get("human")).count("<evi>")  # question-side <evi>, one per src interval
     if n_src != n_q:
@@ -188,9 +247,8 @@ def _check_record(r):
     stage1, _, stage2 = turns["gpt"].partition("</evi>")
     for key, text, where in (("evidence_grounding", stage1, "before"), ("interleaved_response", stage2, "after")):
         spans = gt.get(key, []) if isinstance(gt, dict) else None
-        ok = isinstance(spans, list) and all(_is_number_pair(s) and 0 <= s[0] <= s[1] for s in spans)
-        if not ok:
-            problems.append(f"time_gt.{key} must be a list of [s, e] with 0 <= s <= e, got {spans!r}")
+        if not (isinstance(spans, list) and all(in_video(s) for s in spans)):
+            problems.append(f"time_gt.{key} must be a list of [s, e] with 0 <= s <= e <= duration, got {spans!r}")
         elif len(spans) != text.count("<evi>"):
             problems.append(f"time_gt.{key} has {len(spans)} intervals but the gpt value has "
                             f"{text.count('<evi>')} <evi> {where} </evi>")

@@ -56,7 +56,7 @@ def test_a_frame_placeholder_in_the_answer_is_rejected(tmp_path):
 
 def test_a_single_interval_may_be_written_flat(tmp_path):
     """Appendix B's third example writes one event as "evidence_grounding": [8.823, 11.311]: read as [[s, e]]."""
-    flat = record(answer="<evi> </evi> Picked them up. The relevant event happens in <evi>.")
+    flat = record(duration=12.0, answer="<evi> </evi> Picked them up. The relevant event happens in <evi>.")
     flat["time_gt"] = {"evidence_grounding": [8.823, 11.311], "interleaved_response": [8.823, 11.311]}
     p = tmp_path / "ann.json"
     p.write_text(json.dumps([flat, record()]))
