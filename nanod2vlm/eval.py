@@ -15,7 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanod2vlm.checkpoint import latest
-from nanod2vlm.data import AnnotationError, normalize, read_annotations
+from nanod2vlm.data import AnnotationError, InputError, normalize, read_annotations
 from nanod2vlm.scorers import SCORERS, charades_scores, etbench_scores, youcook2_scores
 
 PENALIZED = {"rar", "eca", "rvq"}  # the referring tasks decode with repetition penalty 1.2, the others with none
@@ -43,12 +43,13 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     whole seconds, </evi> kept: what the scorers read), `text`, that with notes for people, the grounding and
     answer spans in seconds, the captions and each <evi>'s details."""
     t0 = time.time()
-    ids = tok.encode(tok.chat("<image>\n" + question))
+    ids = tok.prompt(question, ("<evi>",) if src else ())  # the question's <evi> are src's, or text
     i = ids.index(tok.image_id)
     ids = ids[:i] + [tok.image_id] * len(frames) + ids[i + 1:]  # one placeholder per frame
     room = model.cfg.max_pos - len(ids)
     if room < 1:
-        raise ValueError(f"the prompt takes {len(ids)} positions, the model has {model.cfg.max_pos}")
+        raise InputError(f"the prompt takes {len(ids)} positions, the model has {model.cfg.max_pos}: ask a shorter "
+                         "question, or about a shorter video")
     pixels = normalize(frames).to(next(model.parameters()).device)  # train.py evaluates on its training device
     out, evis = model.generate(pixels, times, wp.encode(question), ids, min(max_new_tokens, room), temperature,
                                src=src, repetition_penalty=repetition_penalty)
@@ -77,7 +78,7 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
         spans = [(float(a), float(b)) for a, b in SPAN.findall(stated)]
         captions = [c.strip() for c in SPAN.split(stated)[3::3]]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding)"
-    if len(evis) > len(frames):
+    if max(k, default=0) >= len(frames):  # a stage with more <evi> than frames (1 frame: one in each is fine)
         note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"
     return dict(raw=raw, text=raw + note, grounding=grounded, answer_spans=spans, captions=captions, evis=evis,
                 seconds=time.time() - t0, frames=len(frames))

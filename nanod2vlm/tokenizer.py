@@ -83,11 +83,15 @@ class Tokenizer:
         sp = spm.SentencePieceProcessor(model_proto=proto)
         return cls(proto, {s: sp.piece_to_id(s) for s in NANO_SPECIAL})  # the special tokens are pieces of it
 
-    def encode(self, text):
+    def encode(self, text, special=None):
+        """Text -> ids. special: the special-token strings that become their ids (default: all); any other one stays
+        the text it is (encoded in two parts: sentencepiece would match a special piece of the nano model whole)."""
         ids = []
         for part in self.split_re.split(text):
-            if part in self.special:
+            if part in self.special and (special is None or part in special):
                 ids.append(self.special[part])
+            elif part in self.special:
+                ids += self.sp.encode(part[0]) + self.sp.encode(part[1:])
             elif part:
                 ids += self.sp.encode(part)
         return ids
@@ -106,6 +110,13 @@ class Tokenizer:
             elif 0 <= i < self.sp.get_piece_size():
                 run.append(i)
         return "".join(out)
+
+    def prompt(self, question, special=()):
+        """The generation prompt's ids for a question about the video ("<image>\\n" + question, as released): the
+        question is text but for the special tokens in `special` (E.T. Bench's <evi>, one per src interval), so
+        that <evi>, <image> or <|end|> typed by a user stay characters, not a reference, a frame or an end."""
+        head, tail = self.chat("<image>\0").split("\0")
+        return self.encode(head) + self.encode("\n" + question, special) + self.encode(tail)
 
     def chat(self, question, answer=None):
         """Phi-3's chat template (the released prompt); with answer=None, the generation prompt (ends after '<|assistant|>\\n')."""
