@@ -21,11 +21,12 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from nanod2vlm.data import InputError
 from nanod2vlm.model import CONFIGS, Config, D2VLM, LoRALinear, Phi3, add_lora, is_adapter
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     pass
 
 
@@ -371,7 +372,10 @@ def _load_tensors(targets, files, rename=None, missing_ok=()):
         for f, pairs in plan.items():  # files in order: a later one replaces what an earlier one set
             with _open(f) as sf:
                 for key, name in pairs:
-                    targets[name].copy_(sf.get_tensor(key))  # one tensor in RAM at a time
+                    x = sf.get_tensor(key)  # one tensor in RAM at a time
+                    if not torch.isfinite(x).all():  # garbage bytes under an intact header
+                        raise CheckpointError(f"{f}: {key} holds NaN or infinite values: a corrupt file")
+                    targets[name].copy_(x)
 
 
 def _checkpoint_files(path):
