@@ -11,13 +11,12 @@
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-from nanod2vlm.checkpoint import CheckpointError, export, load_model
-from nanod2vlm.data import AnnotationError, FrameCache, VideoError, read_video
+from nanod2vlm.checkpoint import export, load_model
+from nanod2vlm.data import FrameCache, cli, read_video, writable
 from nanod2vlm.eval import answer, evaluate, predictions_path, print_metrics
 from nanod2vlm.scorers import SentSim
 
@@ -49,10 +48,21 @@ def plot(path, result, frames, times, gt=None):
         ax.legend(fontsize=6, loc="upper right")
     axes[-1, 0].set_xlabel("seconds")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def at_least(low, typ=float):
+    """An argparse type: a number >= low (not NaN)."""
+    def number(text):
+        if not typ(text) >= low:
+            raise argparse.ArgumentTypeError(f"{text}: give a number >= {low}")
+        return typ(text)
+    return number
+
+
+@cli
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("video", nargs="?")
@@ -62,8 +72,9 @@ def main(argv):
     ap.add_argument("--bert_vocab", default="", help="bert-base-uncased's vocab.txt (an official --ckpt)")
     ap.add_argument("--base", default="", help="the merged folder an official adapter --ckpt sits on")
     ap.add_argument("--export", metavar="DIR", help="write --ckpt to DIR in the official merged layout")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--max-new-tokens", type=int, default=2048, help="the model stops at <|end|> before")
+    ap.add_argument("--temperature", type=at_least(0.0), default=0.0, help="0: greedy")
+    ap.add_argument("--max-new-tokens", type=at_least(4, int), default=2048, help="at least 4 (<evi>, </evi>, a word, "
+                    "<|end|>); the model stops at <|end|> before")
     ap.add_argument("--released", action="store_true", help="decode as the released inference: sampling at "
                     "temperature 0.2 (seeded here), up to 2048 new tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -78,50 +89,53 @@ def main(argv):
     a = ap.parse_args(argv)
     if a.released:
         a.temperature, a.max_new_tokens = 0.2, 2048
+    try:  # before the long work, as every check here: the device, the --gt spans, the files to write
+        torch.empty(0, device=a.device)
+    except (RuntimeError, AssertionError) as e:  # e.g. "Torch not compiled with CUDA enabled"
+        ap.error(f"--device {a.device}: not usable here ({str(e).splitlines()[0]}); try --device cpu")
     try:
-        if a.export:
-            model, tok, wp, state = load_model(a.ckpt, "cpu", a.bert_vocab, a.base)
-            export(model, tok, wp, a.export, state["base"].get("official", ""))
-            print(f"wrote {a.ckpt} to {a.export} in the official merged layout")
-            return
-        if a.eval is None and (not a.video or not a.question or not a.question.strip()):
-            ap.error("give a video and a non-empty question, or --eval ANNOTATIONS, or --export DIR")
-        if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
-            if a.out and "," in a.ckpt:
-                ap.error("--out names the predictions of one checkpoint; without it each goes into its checkpoint")
-            rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-            if world > 1:  # torchrun: each process answers its share of the records (gloo: barriers only)
-                dist.init_process_group("gloo")
-                a.device = f"cuda:{os.environ['LOCAL_RANK']}" if a.device == "cuda" else a.device
-            sentsim = SentSim(a.sentsim).to(a.device) if a.sentsim else None
-            cache = FrameCache()
-            for ckpt in a.ckpt.split(","):
-                model, tok, wp, _ = load_model(ckpt, a.device, a.bert_vocab, a.base)
-                out = a.out or predictions_path(ckpt, a.eval, a.temperature)
-                m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
-                             rank, world)
-                if rank == 0:
-                    print(f"== {ckpt}")
-                    print_metrics(m)
-                    with open(os.path.splitext(out)[0] + ".metrics.json", "w") as f:
-                        json.dump(m, f, indent=1)
-                    print(f"predictions: {out}")
-            if world > 1:
-                dist.destroy_process_group()
-            return
-        model, tok, wp, _ = load_model(a.ckpt, a.device, a.bert_vocab, a.base)
-        cfg = model.cfg
-        frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
-        r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
-    except (VideoError, AnnotationError, CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except PermissionError as e:  # e.g. an official checkpoint's read-only folder, where --eval writes by default
-        sys.exit(f"error: {e.filename}: cannot write there; give --out PRED.jsonl in a writable folder")
+        gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None
+    except ValueError:
+        ap.error(f"--gt {a.gt!r}: give spans in seconds like 6.3-12.1,21-24.4")
+    for option in ("plot", "out", "export"):
+        if getattr(a, option):
+            writable(getattr(a, option), f"--{option}")
+    if a.export:
+        model, tok, wp, state = load_model(a.ckpt, "cpu", a.bert_vocab, a.base)
+        export(model, tok, wp, a.export, state["base"].get("official", ""))
+        print(f"wrote {a.ckpt} to {a.export} in the official merged layout")
+        return
+    if a.eval is None and (not a.video or not a.question or not a.question.strip()):
+        ap.error("give a video and a non-empty question, or --eval ANNOTATIONS, or --export DIR")
+    if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
+        if a.out and "," in a.ckpt:
+            ap.error("--out names the predictions of one checkpoint; without it each goes into its checkpoint")
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1:  # torchrun: each process answers its share of the records (gloo: barriers only)
+            dist.init_process_group("gloo")
+            a.device = f"cuda:{os.environ['LOCAL_RANK']}" if a.device == "cuda" else a.device
+        sentsim = SentSim(a.sentsim).to(a.device) if a.sentsim else None
+        cache = FrameCache()
+        for ckpt in a.ckpt.split(","):
+            model, tok, wp, _ = load_model(ckpt, a.device, a.bert_vocab, a.base)
+            out = a.out or predictions_path(ckpt, a.eval, a.temperature)
+            writable(out, "--out")  # the default is in the checkpoint's folder, which may be read-only
+            m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
+                         rank, world)
+            if rank == 0:
+                print(f"== {ckpt}")
+                print_metrics(m)
+                with open(os.path.splitext(out)[0] + ".metrics.json", "w") as f:
+                    json.dump(m, f, indent=1)
+                print(f"predictions: {out}")
+        if world > 1:
+            dist.destroy_process_group()
+        return
+    model, tok, wp, _ = load_model(a.ckpt, a.device, a.bert_vocab, a.base)
+    cfg = model.cfg
+    frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
+    r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
     if a.plot:
-        try:
-            gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None
-        except ValueError:
-            sys.exit(f"error: --gt {a.gt!r}: give spans in seconds like 6.3-12.1,21-24.4")
         plot(a.plot, r, frames, times, gt)
     if a.json:
         print(json.dumps(r))
@@ -132,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -14,12 +14,12 @@ Pair fields "events"/"rejected_events" index the perturbed events in each respon
 """
 import argparse
 import json
-import os
 import random
 import re
 from collections import Counter
 
-from nanod2vlm.data import read_annotations
+from nanod2vlm.checkpoint import write_atomic
+from nanod2vlm.data import cli, read_annotations, writable
 
 LEXICON = {  # word classes of the synthetic world; a word swaps only for one of its class seen in the data
     "colour": "red green blue yellow purple orange black white",
@@ -217,17 +217,17 @@ def llm_distorter(hf_dir, max_new_tokens=64):
     return ask
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="factorized preference pairs from annotation records")
-    p.add_argument("inp", nargs="?", default="data/world/train.json")
-    p.add_argument("out", nargs="?", default="data/world/fpo_pairs.json")
+@cli
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inp", nargs="?", default="data/world/train.json", help="annotation records (read_annotations)")
+    p.add_argument("out", nargs="?", default="data/world/fpo_pairs.json", help="the preference pairs (JSON list)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llm", default=None, help="an HF Phi-3 folder that distorts texts (default: rule-based swaps)")
     args = p.parse_args(argv)
+    writable(args.out, "OUT")
     pairs, counts = synth(read_annotations(args.inp), args.seed, llm_distorter(args.llm) if args.llm else None)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(pairs, f, indent=1)
+    write_atomic(args.out, json.dumps(pairs, indent=1))  # a kill leaves no half file that train.py would take
     for key, n in sorted(counts.items()):
         print(f"{key:40s} {n}")
     print(f"wrote {len(pairs)} pairs to {args.out}")

@@ -4,6 +4,7 @@ A recipe in order: config, data, model, optimizer, loop, checkpoint, evaluation.
 the model's `Config` can be overridden as `--name=value`. Multi-process: `torchrun --nproc_per_node=N train.py`.
 """
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -15,10 +16,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations
+from nanod2vlm.data import FrameCache, InputError, VideoDataset, ablate, cli, collate, read_annotations, writable
 from nanod2vlm.loss import fpo_step_loss, sft_loss
-from nanod2vlm.checkpoint import CheckpointError, build_d2vlm, latest, load_model, load_optimizer, save_checkpoint
-from nanod2vlm.model import CONFIGS, cast_frozen, mark_trainable
+from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
+                                  save_checkpoint)
+from nanod2vlm.model import CONFIGS, Config, cast_frozen, mark_trainable
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from nanod2vlm.eval import evaluate, predictions_path, print_metrics
 
@@ -71,33 +73,71 @@ FULL = dict(soft_alpha=2.0, w_gnd=10.0, w_cons=10.0, lr=2e-5, lora_lr=5e-5, beta
 
 
 def parse(argv):
-    """--name=value overrides of Train and of the model Config chosen by --config (FPO and FULL: their defaults)."""
+    """--name=value overrides of Train and of the model Config chosen by --config (FPO and FULL: their defaults);
+    with --resume, of the run's saved ones, which no flag may then contradict."""
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\n" + inspect.getsource(Train) + "\n" + inspect.getsource(Config))
+        sys.exit(0)
     kv, args = {}, list(argv)
     while args:  # --name=value, --name value, or a bare --flag (true)
         key, eq, val = args.pop(0).removeprefix("--").partition("=")
         if not eq and args and not args[0].startswith("--"):
             val = args.pop(0)
         kv[key.replace("-", "_")] = val or "true"
+    if unknown := set(kv) - {f.name for f in fields(Train) + fields(Config)}:
+        raise InputError(f"unknown option(s): {', '.join('--' + k for k in unknown)} (see python train.py --help)")
     if kv.get("config", "nano") not in CONFIGS:
-        sys.exit(f"--config={kv['config']}: choose one of {', '.join(CONFIGS)}")
+        raise InputError(f"--config={kv['config']}: choose one of {', '.join(CONFIGS)}")
 
     def override(obj):
-        types = {f.name: type(getattr(obj, f.name)) for f in fields(obj)}
-        return replace(obj, **{k: cast(types[k], kv.pop(k)) for k in list(kv) if k in types})
-    given = set(kv)
+        return replace(obj, **{k: cast(k, type(getattr(obj, k)), v) for k, v in kv.items() if hasattr(obj, k)})
     t = override(Train())
-    presets = (FPO if t.stage == "fpo" else {}) | (FULL if t.config == "full" else {})
-    t = replace(t, **{k: v for k, v in presets.items() if k not in given})
-    cfg = override(CONFIGS[t.config])
-    if kv:
-        sys.exit(f"unknown option(s): {', '.join('--' + k for k in kv)} (see the Train and Config dataclasses)")
+    if t.resume:  # the run continues as it was started: its saved settings, which no flag may contradict
+        ckpt = latest(t.out)
+        if ckpt == t.out:
+            raise InputError(f"--resume: no checkpoint in {t.out} (expected {t.out}/latest); give the run's --out")
+        try:
+            state = json.load(open(os.path.join(ckpt, "state.json")))
+            saved = replace(Train(**{k: v for k, v in state["train"].items() if hasattr(t, k)}), resume=True)
+            saved_cfg = _config(state["config"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); train one with `python train.py`") from None
+        t, cfg = override(saved), override(saved_cfg)
+        if bad := [f"--{k}={v} (the run's: {getattr(x, k)})" for x, y in ((saved, t), (saved_cfg, cfg))
+                   for k, v in asdict(y).items() if v != getattr(x, k) and k not in FREE_ON_RESUME]:
+            raise InputError(f"--resume continues {ckpt} as it was started; these flags contradict it: "
+                             f"{', '.join(bad)} (a new run: --init={ckpt} --out=NEW)")
+        print(f"--resume: {ckpt} with its model and its run's settings: " + ", ".join(
+            f"{k}={v}" for k, v in asdict(t).items() if v != getattr(Train(), k) and k != "resume"))
+    else:
+        presets = (FPO if t.stage == "fpo" else {}) | (FULL if t.config == "full" else {})
+        t = replace(t, **{k: v for k, v in presets.items() if k not in kv})
+        cfg = override(CONFIGS[t.config])
+    low = dict(steps=1, batch_size=1, grad_accum=1, ckpt_every=1)  # the other numbers: >= 0
+    bad = [f"--{k}={v}: give a number >= {low.get(k, 0)}" for k, v in asdict(t).items()
+           if type(v) in (int, float) and not v >= low.get(k, 0)]
+    if t.stage not in ("sft", "fpo"):
+        bad.append(f"--stage={t.stage}: sft or fpo")
+    if bad:
+        raise InputError("; ".join(bad))
+    writable(t.out, "--out")  # now, not at the first checkpoint
+    writable(os.path.join(t.data, "cache"), "--data (its frame cache)")
     return t, cfg
 
 
-def cast(typ, val):
-    if typ is bool:
+FREE_ON_RESUME = {"resume", "out", "ckpt_every", "compile", "vit_cache", "eval_json"}  # the losses stay the same
+
+
+def cast(key, typ, val):
+    """--key=val -> the field's type, or an InputError naming the option."""
+    if typ is bool and val.lower() in ("1", "true", "yes", "0", "false", "no"):
         return val.lower() in ("1", "true", "yes")
-    return tuple(val.split(",")) if typ is tuple else typ(val)
+    try:
+        if typ is not bool:
+            return tuple(val.split(",")) if typ is tuple else typ(val)
+    except ValueError:
+        pass
+    raise InputError(f"--{key}={val}: not a valid {typ.__name__}")
 
 
 def lr_at(step, t):
@@ -179,6 +219,7 @@ class PairDataset:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+@cli
 def main(argv):
     t, cfg = parse(argv)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -196,8 +237,6 @@ def main(argv):
             ensure_world(t.data, n_train=t.world_train, n_test=t.world_test, seed=t.seed)
         if ddp:
             dist.barrier()
-    if t.resume and latest(t.out) == t.out:
-        raise SystemExit(f"--resume: no checkpoint in {t.out} (expected {t.out}/latest)")
     init = latest(t.out) if t.resume else t.init
     if init:  # the checkpoint brings its tokenizers, weights and config (an official folder: Phi-3's, the rest cfg)
         model, tok, wp, state = load_model(init, bert_vocab=t.bert_vocab, cfg=cfg)
@@ -219,7 +258,7 @@ def main(argv):
     if t.vit_cache:  # the frozen tower encodes each video once; batches then carry its features (B, T, P, W)
         video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model))
     if t.stage == "sft":
-        every = read_annotations(train_json)
+        every = read_annotations(train_json, videos=os.path.dirname(train_json))  # every video there, checked now
         records = [ablate(r, cfg) for r in every if keep(r, t)]
         if len(records) < len(every):
             say(f"{len(every) - len(records)} of {len(every)} records dropped: duration outside [{t.min_duration}, "
@@ -326,7 +365,4 @@ def plot_losses(history, path):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except CheckpointError as e:  # a bad --init / --resume checkpoint: which file and why, not a traceback
-        sys.exit(f"error: {e}")
+    main()

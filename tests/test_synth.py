@@ -138,7 +138,7 @@ def test_cli_is_deterministic_and_reads_json_lines(tmp_path, capsys):
 
 def test_a_bad_annotation_file_stops_with_its_name(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
-    with pytest.raises(ValueError, match="x.json"):
+    with pytest.raises(SystemExit, match="^error: .*x.json"):
         main([str(tmp_path / "x.json"), str(tmp_path / "out.json")])
     assert not (tmp_path / "out.json").exists()
 

@@ -125,8 +125,8 @@ def test_a_bad_checkpoint_stops_with_a_clear_error_and_changes_nothing(tmp, sft,
     else:
         bad.write_bytes(spoil)
     before = files(out)
-    ckpt = f"--init={out}/step-000008" if flag == "--init" else "--resume"
-    argv = [f"--data={tmp}/world", f"--out={out}", *TINY, *SFT, "--steps=12", ckpt]
+    ckpt = [f"--init={out}/step-000008", "--steps=12"] if flag == "--init" else ["--resume"]  # (its own steps)
+    argv = [f"--data={tmp}/world", f"--out={out}", *TINY, *SFT, *ckpt]
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(train.__file__, run_name="__main__")  # as `python train.py ...` runs it
