@@ -101,7 +101,8 @@ def parse(argv):
             saved = replace(Train(**{k: v for k, v in state["train"].items() if hasattr(t, k)}), resume=True)
             saved_cfg = _config(state["config"])
         except (OSError, ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); train one with `python train.py`") from None
+            raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); name an earlier step in "
+                                  f"{t.out}/latest") from None
         t, cfg = override(saved), override(saved_cfg)
         if bad := [f"--{k}={v} (the run's: {getattr(x, k)})" for x, y in ((saved, t), (saved_cfg, cfg))
                    for k, v in asdict(y).items() if v != getattr(x, k) and k not in FREE_ON_RESUME]:
