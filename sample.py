@@ -53,15 +53,6 @@ def plot(path, result, frames, times, gt=None):
     plt.close(fig)
 
 
-def at_least(low, typ=float):
-    """An argparse type: a number >= low (not NaN)."""
-    def number(text):
-        if not typ(text) >= low:
-            raise argparse.ArgumentTypeError(f"{text}: give a number >= {low}")
-        return typ(text)
-    return number
-
-
 @cli
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,9 +63,8 @@ def main(argv):
     ap.add_argument("--bert_vocab", default="", help="bert-base-uncased's vocab.txt (an official --ckpt)")
     ap.add_argument("--base", default="", help="the merged folder an official adapter --ckpt sits on")
     ap.add_argument("--export", metavar="DIR", help="write --ckpt to DIR in the official merged layout")
-    ap.add_argument("--temperature", type=at_least(0.0), default=0.0, help="0: greedy")
-    ap.add_argument("--max-new-tokens", type=at_least(4, int), default=2048, help="at least 4 (<evi>, </evi>, a word, "
-                    "<|end|>); the model stops at <|end|> before")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--max-new-tokens", type=int, default=2048, help="the model stops at <|end|> before")
     ap.add_argument("--released", action="store_true", help="decode as the released inference: sampling at "
                     "temperature 0.2 (seeded here), up to 2048 new tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -89,12 +79,16 @@ def main(argv):
     a = ap.parse_args(argv)
     if a.released:
         a.temperature, a.max_new_tokens = 0.2, 2048
-    try:  # before the long work, as every check here: the device, the --gt spans, the files to write
+    if not a.temperature >= 0:  # nor NaN; as every check here, before the long work
+        ap.error(f"--temperature {a.temperature}: give a number >= 0 (0: greedy)")
+    if a.max_new_tokens < 4:
+        ap.error(f"--max-new-tokens {a.max_new_tokens}: give at least 4 (<evi>, </evi>, a word, <|end|>)")
+    try:
         torch.empty(0, device=a.device)
     except (RuntimeError, AssertionError) as e:  # e.g. "Torch not compiled with CUDA enabled"
         ap.error(f"--device {a.device}: not usable here ({str(e).splitlines()[0]}); try --device cpu")
     try:
-        gt = [tuple(map(float, s.split("-"))) for s in a.gt.split(",")] if a.gt else None
+        gt = [(float(s), float(e)) for s, e in (x.split("-") for x in a.gt.split(","))] if a.gt else None
     except ValueError:
         ap.error(f"--gt {a.gt!r}: give spans in seconds like 6.3-12.1,21-24.4")
     for option in ("plot", "out", "export"):

@@ -131,14 +131,13 @@ FREE_ON_RESUME = {"resume", "out", "ckpt_every", "compile", "vit_cache", "eval_j
 
 def cast(key, typ, val):
     """--key=val -> the field's type, or an InputError naming the option."""
-    if typ is bool and val.lower() in ("1", "true", "yes", "0", "false", "no"):
-        return val.lower() in ("1", "true", "yes")
     try:
-        if typ is not bool:
-            return tuple(val.split(",")) if typ is tuple else typ(val)
-    except ValueError:
-        pass
-    raise InputError(f"--{key}={val}: not a valid {typ.__name__}")
+        return BOOL[val.lower()] if typ is bool else tuple(val.split(",")) if typ is tuple else typ(val)
+    except (KeyError, ValueError):
+        raise InputError(f"--{key}={val}: not a valid {typ.__name__}") from None
+
+
+BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def lr_at(step, t):

@@ -45,8 +45,7 @@ def cli(main):
         except InputError as e:
             sys.exit(f"error: {e}")
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
-            where = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else str(e)
-            sys.exit(f"error: {where} (a read-only folder or a full disk? nothing written before is lost)")
+            sys.exit(f"error: {e} (what was written before is intact)")  # e.g. a read-only folder, a full disk
     return run
 
 

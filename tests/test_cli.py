@@ -71,16 +71,19 @@ def record(tmp, **kw):
     return {**r, **kw}
 
 
+def spans(*s):
+    """The record with these spans in both stages (one <evi> each)."""
+    return lambda r: json.dumps([dict(r, time_gt={k: list(s) for k in r["time_gt"]})]).encode()
+
+
 ANNOTATIONS = {  # case -> (the file's bytes from the tiny world's first record, words train.py and synth.py print)
     "not UTF-8": (lambda r: b'[{"video": "\xff"}]', ["not UTF-8 text (byte 12)"]),
     "empty": (lambda r: b"", ["no records"]),
     "a JSON object": (lambda r: json.dumps(r, indent=1).encode(), ["one JSON object; give a JSON list"]),
     "not JSON": (lambda r: b'[{"video": ', ["not valid JSON"]),
-    "end before start": (lambda r: json.dumps([dict(r, time_gt=dict(r["time_gt"], evidence_grounding=[[5, 1]]))])
-                         .encode(),
-                         ["record 0: time_gt.evidence_grounding must be a list of [s, e] with 0 <= s <= e"]),
-    "past the duration": (lambda r: json.dumps([dict(r, time_gt={k: [[1, 500]] for k in r["time_gt"]})]).encode(),
-                          ["time_gt.evidence_grounding must be", "<= duration, got [[1, 500]]"]),
+    "end before start": (spans([5, 1]), ["time_gt.evidence_grounding must be a list of [s, e] with 0 <= s <= e"]),
+    "a negative time": (spans([-1, 2]), ["<= duration, got [[-1, 2]]"]),
+    "past the duration": (spans([1, 500]), ["<= duration, got [[1, 500]]"]),
     "an extra <evi>": (lambda r: json.dumps([dict(r, conversations=[r["conversations"][0], dict(
         r["conversations"][1], value="<evi> <evi> </evi> In <evi>.")])]).encode(), ["has 1 intervals but the gpt"]),
     "a missing video": (lambda r: json.dumps([dict(r, video="videos/nope.mp4")]).encode(),
@@ -110,14 +113,15 @@ def test_a_bad_annotation_file_is_one_error_in_every_script(tmp, capsys, case):
 
 OPTIONS = {  # case -> (script, argv of the tiny world folder, words)
     "negative temperature": (sample, lambda d: [video(d), Q, "--temperature=-1"],
-                             "--temperature: -1: give a number >= 0"),
-    "NaN temperature": (sample, lambda d: [video(d), Q, "--temperature=nan"], "--temperature: nan: give a number >= 0"),
+                             "--temperature -1.0: give a number >= 0"),
+    "NaN temperature": (sample, lambda d: [video(d), Q, "--temperature=nan"], "--temperature nan: give a number >= 0"),
     "negative --max-new-tokens": (sample, lambda d: [video(d), Q, "--max-new-tokens=-3"],
-                                  "--max-new-tokens: -3: give a number >= 4"),
+                                  "--max-new-tokens -3: give at least 4"),
     "too small --max-new-tokens": (sample, lambda d: [video(d), Q, "--max-new-tokens=2"],
-                                   "--max-new-tokens: 2: give a number >= 4"),
+                                   "--max-new-tokens 2: give at least 4"),
     "a device not here": (sample, lambda d: [video(d), Q, "--device=cuda:99"], "--device cuda:99: not usable here"),
     "bad --gt": (sample, lambda d: [video(d), Q, "--gt=6-x", "--plot=p.png"], "--gt '6-x': give spans in seconds"),
+    "one-ended --gt": (sample, lambda d: [video(d), Q, "--gt=6", "--plot=p.png"], "--gt '6': give spans in seconds"),
     "an empty question": (sample, lambda d: [video(d), " "], "give a video and a non-empty question"),
     "not a number": (train, lambda d: ["--steps=abc"], "--steps=abc: not a valid int"),
     "zero steps": (train, lambda d: ["--steps=0"], "--steps=0: give a number >= 1"),
@@ -331,7 +335,7 @@ def test_a_kill_or_full_disk_while_checkpointing_then_resume_alone_gives_the_uni
     assert "Traceback" not in p.stderr, p.stderr
     if case == "full disk":
         assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: "), p.stderr
-        assert "File too large" in p.stderr and "nothing written before is lost" in p.stderr
+        assert "File too large" in p.stderr and "what was written before is intact" in p.stderr
     else:
         assert p.returncode == 137, p.stderr
     assert (out / "latest").read_text() == "step-000002" and (out / "step-000004.tmp").is_dir()
