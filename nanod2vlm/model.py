@@ -151,26 +151,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in peft
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
-        if self.merged:
-            return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold B A into W for fast inference (state_dict then holds the merged W)."""
-        if not self.merged:
-            self.weight += self.scale * (self.lora_B @ self.lora_A)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.scale * (self.lora_B @ self.lora_A)
-            self.merged = False
+    def merged(self):
+        """W + (alpha / r) B A: the plain weight this layer computes with (an export writes it)."""
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
 
 
 def add_lora(model, cfg):
