@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 @dataclass
@@ -114,13 +115,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        B, L, C = x.shape
-        q, k, v = self.qkv_proj(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, L, hd)
+        q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, C))
+        return self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
 
 
 class MLP(nn.Module):
@@ -214,11 +215,11 @@ class EVAAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, T, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class EVABlock(nn.Module):
@@ -280,11 +281,10 @@ class BertAttention(nn.Module):
         self.output = _dense(W, W, ln=True)
 
     def forward(self, x, kv, mask=None):
-        a, B, hs = self.attention, len(x), x.size(-1) // self.n_head
-        q, k, v = (lin(t).view(B, -1, self.n_head, hs).transpose(1, 2)
-                   for lin, t in ((a.query, x), (a.key, kv), (a.value, kv)))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B, T, W)
-        return self.output.LayerNorm(x + self.output.dense(y))
+        a = self.attention
+        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_head)  # noqa: E731
+        y = F.scaled_dot_product_attention(heads(a.query(x)), heads(a.key(kv)), heads(a.value(kv)), attn_mask=mask)
+        return self.output.LayerNorm(x + self.output.dense(rearrange(y, "b h t d -> b t (h d)")))
 
 
 def _ffn(x, intermediate, output):
