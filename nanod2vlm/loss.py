@@ -91,8 +91,9 @@ def log_pi(logits, labels, sim, y, valid, evi_b):
     """log pi(R) per response -> (N,): summed (not averaged) log-probs of every response token plus log p_g of each
     of its <evi>, both stages."""
     tok = -F.cross_entropy(_f32(logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (N, R)
+    log_p_text = tok.sum(1)  # Eq. (5)
     lp_g = log_p_g(sim, y, valid)
-    return tok.sum(1) + lp_g.new_zeros(len(labels)).index_add(0, evi_b, lp_g)  # Eq. (7) = Eq. (5) + sum of Eq. (6)
+    return log_p_text + lp_g.new_zeros(len(labels)).index_add(0, evi_b, lp_g)  # Eq. (7) = Eq. (5) + sum of Eq. (6)
 
 
 def fpo_loss(logp_chosen, logp_rejected, beta=0.1):
