@@ -16,8 +16,10 @@ import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
+
+from nanod2vlm.checkpoint import write_atomic
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -362,10 +364,7 @@ class FrameCache:
                     frames = encode(normalize(frames)).contiguous()
             out = frames, times
             if file:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-                save_file({"x": out[0], "times": out[1]}, tmp)
-                os.replace(tmp, file)  # atomic: readers never see a half-written file
+                write_atomic(file, {"x": out[0], "times": out[1]})  # readers never see a half-written file
         self.mem[key] = out
         self.used += sum(x.nbytes for x in out)
         while self.used > self.mem_bytes and len(self.mem) > 1:
