@@ -570,7 +570,9 @@ class D2VLM(nn.Module):
         src = pool(F_V[b["src_b"]], b["src_span"])
         x = x.index_put((b["src_b"], b["src_pos"]), src.to(x.dtype), accumulate=True)
         # 1. The prompt pass. Its states do not depend on the response: the frame states of layer capture_layer
-        # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to.
+        # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to. (The released
+        # code runs a first pass over the prompt, then a full pass over prompt and response: the same values and
+        # gradients, with the prompt computed twice.)
         valid = b["valid"]
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = build_mask(valid, b["ids"] == cfg.image_id)
