@@ -485,11 +485,13 @@ class Phi3(nn.Module):
             else:
                 nxt = logits.argmax().item()
             ids.append(nxt)
-            if nxt == end_id or i == max_new_tokens - 1:
+            if nxt == end_id:
                 break
             if nxt not in exempt:
                 seen.add(nxt)
-            e = embed(nxt, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]
+            e = embed(nxt, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]  # a last <evi> grounds too
+            if i == max_new_tokens - 1:
+                break
             # mask None: the new token sees every cached one
             out, hs = self(e, torch.tensor([[L + i]], device=dev), None, cache, keep)
         return ids
@@ -504,7 +506,8 @@ def head(H):
 
 
 def span_of(p, threshold=0.6):
-    """Inference rule (Appendix A): frames with p >= threshold * max(p) are salient; each contiguous run of
+    """Inference rule (released code; the paper's supplementary Tab. 3 compares thresholds 0.4-0.8): frames with
+    p >= threshold * max(p) are salient; each contiguous run of
     salient frames is a group, scored by its mean p; the best group is the event. Inclusive frame indices. On an
     exact tie of means the released code's span runs from the first tied group to the last."""
     on = (p >= threshold * p.max()).tolist() + [False]
@@ -571,8 +574,8 @@ class D2VLM(nn.Module):
         x = x.index_put((b["src_b"], b["src_pos"]), src.to(x.dtype), accumulate=True)
         # 1. The prompt pass. Its states do not depend on the response: the frame states of layer capture_layer
         # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to. (The released
-        # code runs a first pass over the prompt, then a full pass over prompt and response: the same values and
-        # gradients, with the prompt computed twice.)
+        # code runs a first pass over the prompt, then a full pass over prompt and response: the same values and, up
+        # to LoRA dropout drawn twice there, the same gradients, with the prompt computed twice.)
         valid = b["valid"]
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = build_mask(valid, b["ids"] == cfg.image_id)
