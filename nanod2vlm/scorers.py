@@ -29,10 +29,7 @@ from nanod2vlm.tokenizer import WordPiece
 THR = (0.1, 0.3, 0.5, 0.7)  # E.T. Bench's IoU thresholds
 NUM = r"\d+\.*\d*"
 PAIR = re.compile(rf"({NUM})\s*-\s*({NUM})")
-TO = re.compile(rf"({NUM})\s+to\s+({NUM})")
 KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
-FIRST_NUM = re.compile(r"\b(?:\d+\.\d+|\d+)\b")
-CLOCK = re.compile(r"\b\d{1,2}:\d{2}:\d{2}\b")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,16 +60,13 @@ def parse_tvg(text, answer=True):
     else "s to e", else the first number (then the first h:mm:ss) of each sentence that names a start/end, paired.
     Answer spans are ordered ascending; evidence spans (answer=False) are kept as written."""
     t = (text or "").lower()
-    spans = _floats(PAIR.findall(t) or TO.findall(t))
+    spans = _floats(PAIR.findall(t) or re.findall(rf"({NUM})\s+to\s+({NUM})", t))
     if spans is None:
         return []
-    if not spans:
-        cands = [s for s in re.split(r"[!?\n]", t) if any(k in s for k in KEYWORDS)]
-        for rx, sec in ((FIRST_NUM, float), (CLOCK, _hms)):
-            times = [sec(m.group()) for s in cands if (m := rx.search(s))]
-            spans = [times[i:i + 2] for i in range(0, len(times) - 1, 2)]
-            if spans:
-                break
+    cands = [s for s in re.split(r"[!?\n]", t) if any(k in s for k in KEYWORDS)]
+    for rx, sec in ((r"\b(?:\d+\.\d+|\d+)\b", float), (r"\b\d{1,2}:\d{2}:\d{2}\b", _hms)):  # a number, an h:mm:ss
+        times = [sec(m.group()) for s in cands if (m := re.search(rx, s))]
+        spans = spans or [times[i:i + 2] for i in range(0, len(times) - 1, 2)]  # only while nothing is found
     return [sorted(x) for x in spans] if answer else spans
 
 
@@ -101,17 +95,12 @@ def parse_dvc(text, whole=None, version="new"):
     caps = re.findall(r"description:\s*(.+)", t) or re.findall(r"^\s*\*\s*(.+)", t, re.M)
     if (spans := _floats(zip(starts, ends))) and caps:
         return [(sorted(s), c.strip()) for s, c in zip(spans, caps)]
-    return _dvc_single(text if whole is None else whole)
-
-
-def _dvc_single(text):
-    """P-DVC's last fallback: one event from the first piece (line, or sentence without newlines) with a time."""
-    t = text.lower()
+    t = (text if whole is None else whole).lower()  # last: one event, from the first piece (line, else sentence)
     for piece in [p for p in (t.split("\n") if "\n" in t else t.split(".")) if len(p) > 7]:
         if m := PAIR.search(piece):
             span = (_floats([m.groups()]) or [None])[0]
         else:
-            times = [60 * int(a) + int(b) for a, b in re.findall(r"(\d+):(\d{2})", piece)]
+            times = [_hms(x) for x in re.findall(r"\d+:\d{2}", piece)]
             times = times or [float(x) for x in re.findall(r"\d+(?:\.\d+)?", piece)]
             if not times:
                 continue
@@ -174,15 +163,13 @@ class SentSim(nn.Module):
     def forward(self, texts):
         """texts -> (N, W) L2-normalised embeddings."""
         out = []
+        e = self.embeddings  # token type is always 0
         for i in range(0, len(texts), 64):
-            ids = [self.ids(t) for t in texts[i:i + 64]]
-            L = max(map(len, ids))
-            dev = self.embeddings.word_embeddings.weight.device
-            tok = torch.tensor([x + [self.tok.pad_id] * (L - len(x)) for x in ids], device=dev)
-            valid = torch.tensor([[True] * len(x) + [False] * (L - len(x)) for x in ids], device=dev)
-            e = self.embeddings  # token type is always 0
-            x = e.LayerNorm(e.word_embeddings(tok) + e.position_embeddings(torch.arange(L, device=dev))
-                            + e.token_type_embeddings.weight[0])
+            ids = [torch.tensor(self.ids(t)) for t in texts[i:i + 64]]
+            tok = nn.utils.rnn.pad_sequence(ids, True, self.tok.pad_id).to(e.word_embeddings.weight.device)  # (N, L)
+            valid = tok != self.tok.pad_id  # basic_tokenize splits "[PAD]" in a text: only padding is [PAD]
+            pos = torch.arange(tok.shape[1], device=tok.device)
+            x = e.LayerNorm(e.word_embeddings(tok) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0])
             for layer in self.encoder.layer:
                 x = layer(x, 0, valid[:, None, None, :], None)
             pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # masked mean pooling
@@ -224,34 +211,43 @@ def _recall(ious):
     return sum(sum(x >= t for x in ious) for t in THR) / (len(THR) * len(ious))
 
 
+def _f1(p, r):
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
 def _spans_of(recs, version):
     return [parse_tvg(split_answer(r["a"], "span", version)[1]) for r in recs]
+
+
+def _ious(recs, version, best=False, right=None):
+    """TVG, EPM, TEM and GVQ's recall: per record the IoU of its first answer span (best: of its best one) with its
+    best GT span, 0.0 for a parse failure or a record not `right` -> (IoUs, parse failures)."""
+    spans = _spans_of(recs, version)
+    right = right or [True] * len(recs)
+    ious = [_iou(s if best else s[:1], r["tgt"]).max().item() if s and ok else 0.0
+            for r, s, ok in zip(recs, spans, right)]
+    return ious, sum(not s for s in spans)
 
 
 def _tvg(recs, version, sentsim, metric="F1"):
     """TVG, EPM ("F1"): the first span (original) or the best span (new) against the GT span. TEM ("Rec"): the
     first span against the best GT span."""
-    spans = _spans_of(recs, version)
-    best = version == "new" and metric == "F1"
-    ious = [_iou(s if best else s[:1], r["tgt"]).max().item() if s else 0.0 for r, s in zip(recs, spans)]
-    return {metric: _recall(ious), "mIoU": sum(ious) / len(ious)}, sum(not s for s in spans)
+    ious, fails = _ious(recs, version, best=version == "new" and metric == "F1")
+    return {metric: _recall(ious), "mIoU": sum(ious) / len(ious)}, fails
 
 
 def _tal(recs, version, sentsim):
     """Per sample and threshold, any-match P and R (in float32, so 7/10 hits 0.7), F1 summed over samples."""
-    total, spans = torch.zeros(len(THR)), _spans_of(recs, version)
+    spans = _spans_of(recs, version)
+    total = torch.zeros(len(THR))
     for r, s in zip(recs, spans):
-        if not s:
-            continue
-        iou = _iou(r["tgt"], s)  # (GT, predictions)
+        iou = _iou(r["tgt"], s) if s else torch.zeros(1, 1)  # (GT, predictions); a failure passes no threshold
         for k, t in enumerate(THR):
             if iou.max() < t:  # NaN (two zero-length spans) passes this test
                 continue
             rec, prc = (iou.amax(1) >= t).float().mean(), (iou.amax(0) >= t).float().mean()
-            if version == "new" and rec == prc == 0:
-                total[k] = 0  # D²VLM's bug: the sum so far is reset (the original adds 0/0 = NaN)
-            else:
-                total[k] += 2 * prc * rec / (prc + rec)
+            # D²VLM's bug: P = R = 0 resets the sum so far (the original adds 0/0 = NaN)
+            total[k] = 0 if version == "new" and rec == prc == 0 else total[k] + 2 * prc * rec / (prc + rec)
     return {"F1": (total / len(recs)).mean().item()}, sum(not s for s in spans)
 
 
@@ -268,14 +264,11 @@ def _evs(recs, version, sentsim):
     f1s = []
     for r in recs:
         ev, ans = split_answer(r["a"], "span", version)
-        spans = parse_tvg(ans)
-        if not spans:
-            continue
-        pred = _bins(spans + (parse_tvg(ev, answer=False) if version == "new" else []))
-        gt = _bins(r["tgt"])
-        tp, fp, fn = (pred & gt).sum().item(), (pred & ~gt).sum().item(), (~pred & gt).sum().item()
-        p, rc = (tp / (tp + fp), tp / (tp + fn)) if tp else (0, 0)
-        f1s.append(2 * p * rc / (p + rc) if tp else 0.0)
+        if spans := parse_tvg(ans):
+            pred = _bins(spans + (parse_tvg(ev, answer=False) if version == "new" else []))
+            gt = _bins(r["tgt"])
+            tp = (pred & gt).sum().item()  # of the seconds marked in pred (TP + FP) and in gt (TP + FN)
+            f1s.append(_f1(tp / pred.sum().item(), tp / gt.sum().item()) if tp else 0.0)
     return {"F1": sum(f1s) / len(f1s) if f1s else 0.0}, len(recs) - len(f1s)
 
 
@@ -287,51 +280,42 @@ def _vhd(recs, version, sentsim):
     """A hit when the predicted time lies in any annotator's span: the first number (original), the midpoint of
     the first answer span (new)."""
     hits, fails = 0, 0
-    for r in recs:
+    for r, spans in zip(recs, _spans_of(recs, version)):
         if version == "original":
             x = float(m.group()) if (m := re.search(r"[-+]?\d+(?:\.\d+)?", r["a"])) else None
         else:
-            x = sum(s[0]) / 2 if (s := parse_tvg(split_answer(r["a"], "span", version)[1])) else None
+            x = sum(spans[0]) / 2 if spans else None
         fails += x is None
         hits += x is not None and any(s <= x <= e for s, e in _flat(r["tgt"]))
     return {"F1": hits / len(recs)}, fails
 
 
-def _choices(recs, version, sentsim, lenient, per_sample):
-    """Letter + similarity answers -> (correct per record, failures, fallbacks left unscored without SentSim).
-    lenient (the original RAR/ECA/RVQ): a first "(x)" anywhere, the letter, and the similarity each may score."""
+def _choices(recs, version, sentsim, gvq=False):
+    """RAR, ECA, RVQ: Acc of letter + similarity answers; the original is lenient (a first "(x)" anywhere, the
+    letter and the similarity each may score), a valid letter is final in the new. GVQ: a valid letter is final in
+    both; options counted per sample; Rec, the recall of the first span over the rightly answered only
+    (denominator: all samples). no_sim: answers left to the similarity while no SentSim is given (misses)."""
+    lenient = version == "original" and not gvq
     hits, fails, no_sim = [], 0, 0
     for r in recs:
         a = split_answer(r["a"], "letter", version)[1]
-        i, t = parse_letter(a, len(r["o"] if per_sample else recs[0]["o"]))
+        i, t = parse_letter(a, len(r["o"] if gvq else recs[0]["o"]))
         hit = i == r["p"]
         if lenient and (m := re.search(r"\(([a-z])\)", a.lower())):
             hit |= m.group(1) == "abcde"[r["p"]]
-        if not t:
-            fails += 1
-        elif not hit and (i is None or lenient):
-            if sentsim is None:
-                no_sim += 1
-            else:
+        fails += not t
+        if t and not hit and (i is None or lenient):
+            no_sim += sentsim is None
+            if sentsim is not None:
                 opts = [f"({chr(65 + k)}) " + (f"{x[0]} - {x[1]}" if isinstance(x, list) else str(x))
                         for k, x in enumerate(r["o"])]  # a span option reads "s - e"
                 cos = sentsim.cosine([t] * len(opts), opts)
                 hit = max(range(len(opts)), key=cos.__getitem__) == r["p"]  # the first maximum wins
         hits.append(hit)
-    return hits, fails, no_sim
-
-
-def _rvq(recs, version, sentsim):  # RAR, ECA, RVQ
-    hits, fails, no_sim = _choices(recs, version, sentsim, version == "original", per_sample=False)
-    return {"Acc": sum(hits) / len(recs), "no_sim": no_sim}, fails
-
-
-def _gvq(recs, version, sentsim):
-    """Acc, and the recall of the first span over the correctly answered only (denominator: all samples)."""
-    hits, fails, no_sim = _choices(recs, version, sentsim, lenient=False, per_sample=True)
-    spans = _spans_of(recs, version)
-    ious = [_iou(s[:1], r["tgt"]).item() if h and s else 0.0 for r, h, s in zip(recs, hits, spans)]
-    return {"Acc": sum(hits) / len(recs), "Rec": _recall(ious), "no_sim": no_sim}, fails
+    m = {"Acc": sum(hits) / len(recs), "no_sim": no_sim}
+    if gvq:
+        m["Rec"] = _recall(_ious(recs, version, right=hits)[0])
+    return m, fails
 
 
 def _iou_dvc(a, b):
@@ -358,25 +342,33 @@ def _pairs(pred, gt, t, rng):
     return out
 
 
+def _events(a, version="new"):
+    """P-DVC of an answer's part; new: piece 1 after `</evi>` (none: a failure), the whole answer for the last
+    fallback."""
+    part = split_answer(a, "dvc", version)[1]
+    return parse_dvc(part, a, version) if part is not None else []
+
+
 def _dvc(recs, version, sentsim):
     """DVC, SLC: F1 of the dataset-level P and R (failures count as P = R = 0); SentSim over parsed videos."""
     gt, pred, fails = {}, {}, 0  # keyed by video: two samples of one video overwrite each other
     for r in recs:
-        ans = split_answer(r["a"], "dvc", version)[1]
-        events = parse_dvc(ans, r["a"], version) if ans is not None else []
+        events = _events(r["a"], version)
         fails += not events
         if events:
             gt[r["video"]], pred[r["video"]] = list(zip(r["tgt"], r["g"])), events[:1000]
-    scale, f1, sim, rng = 1 - fails / len(recs), 0.0, 0.0, random.Random(0)
+    scale = 1 - fails / len(recs)
+    rng = random.Random(0)
+    f1, sim = [], []
     for t in THR:
         pr = [_detect([s for s, _ in pred[v]], [s for s, _ in gt[v]], t) for v in pred]
         P, R = (scale * sum(x[k] for x in pr) / max(len(pr), 1) for k in (0, 1))
-        f1 += (2 * P * R / (P + R) if P + R else 0.0) / len(THR)
+        f1.append(_f1(P, R))
         if sentsim is not None and pred:
             per_video = [[(_clean(h), _clean(g)) for h, g in _pairs(pred[v], gt[v], t, rng)] for v in pred]
             cos = iter(sentsim.cosine([h for p in per_video for h, _ in p], [g for p in per_video for _, g in p]))
-            sim += sum(sum(next(cos) for _ in p) / len(p) for p in per_video) / len(per_video) / len(THR)
-    return {"F1": f1, "Sim": sim if sentsim is not None else None}, fails
+            sim.append(sum(sum(next(cos) for _ in p) / len(p) for p in per_video) / len(per_video))
+    return {"F1": sum(f1) / len(THR), "Sim": sum(sim) / len(THR) if sentsim is not None else None}, fails
 
 
 def _clean(caption):
@@ -384,8 +376,8 @@ def _clean(caption):
     return " ".join(ptb_tokenize("".join(c if ord(c) < 128 else " " for c in caption)))
 
 
-SCORERS = dict(rar=_rvq, eca=_rvq, rvq=_rvq, tvg=_tvg, epm=_tvg, tal=_tal, evs=_evs, vhd=_vhd,
-               dvc=_dvc, slc=_dvc, tem=partial(_tvg, metric="Rec"), gvq=_gvq)
+SCORERS = dict(rar=_choices, eca=_choices, rvq=_choices, tvg=_tvg, epm=_tvg, tal=_tal, evs=_evs, vhd=_vhd,
+               dvc=_dvc, slc=_dvc, tem=partial(_tvg, metric="Rec"), gvq=partial(_choices, gvq=True))
 COLUMNS = {"RAR": ("rar", "Acc"), "EVC": ("eca", "Acc"), "RVQ": ("rvq", "Acc"), "TVG": ("tvg", "F1"),
            "EPM": ("epm", "F1"), "TAL": ("tal", "F1"), "EVS": ("evs", "F1"), "VHD": ("vhd", "F1"),
            "DVC F1": ("dvc", "F1"), "DVC Sim": ("dvc", "Sim"), "SLC F1": ("slc", "F1"), "SLC Sim": ("slc", "Sim"),
@@ -461,12 +453,11 @@ def youcook2_scores(preds, gts, seed=0):
     f1, cider, fails = [], [], 0
     rng = random.Random(seed)
     for video, gt in gts.items():
-        parts = preds.get(video, "").split("</evi>")
-        events = parse_dvc(parts[1], preds[video]) if len(parts) > 1 else []
+        events = _events(preds.get(video, ""))
         fails += video in preds and not events
         pr = [_detect([s for s, _ in events], [s for s, _ in gt], t) for t in (0.3, 0.5, 0.7, 0.9)]
         p, r = (sum(x[k] for x in pr) / 4 for k in (0, 1))
-        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+        f1.append(_f1(p, r))
         scores = [cider_d([(ptb_tokenize(h), ptb_tokenize(g)) for h, g in _pairs(events, gt, t, rng)])
                   for t in (0.3, 0.5, 0.7, 0.9)] if events else []
         cider.append(sum(sum(s) / len(s) for s in scores) / 4 if scores else 0.0)
