@@ -8,15 +8,14 @@ renders it, appended to a JSON-lines file as it comes, so that a killed run cont
 import glob
 import json
 import os
-import re
 import time
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.checkpoint import latest
+from nanod2vlm.checkpoint import latest, write_atomic
 from nanod2vlm.data import AnnotationError, normalize, read_annotations
-from nanod2vlm.scorers import SCORERS, charades_scores, etbench_scores, youcook2_scores
+from nanod2vlm.scorers import PAIR, SCORERS, _ious, _recall, charades_scores, etbench_scores, parse_tvg, youcook2_scores
 
 PENALIZED = {"rar", "eca", "rvq"}  # the referring tasks decode with repetition penalty 1.2, the others with none
 WORLD_TASK = {"single": "tvg", "multi": "tal", "dense": "dvc", "qa": "gvq"}  # the world's tasks are these
@@ -27,13 +26,6 @@ YOUCOOK2_Q = ("You are given a video about 'making fattoush'. Watch the video ca
               "cooking steps. For each step, you need to determine the start and ends times and provide a concise "
               "description. The format of your response should be: '<start time> - <end time>, <description>'.")
 # (both as the released conversion scripts write them, "densly" and "ends times" included)
-SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*s?\s*(?:-|–|to)\s*(\d+(?:\.\d+)?)(?:\s*s(?:econds)?\b)?")  # "1 - 4.5", "6.3s - 12.1s"
-
-
-def chunks(text, evi="<evi>"):
-    """The answer part (after </evi>) split at each <evi>: the text that follows each reference."""
-    answer = text.split("</evi>", 1)[-1]
-    return [c.strip() for c in answer.split(evi)[1:]]
 
 
 def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, temperature=0.0, src=(),
@@ -56,26 +48,23 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
     cuts = [j for j, x in enumerate(out) if x == tok.evi_id]
     pieces = [tok.decode(out[a + 1:b]) for a, b in zip([-1] + cuts, cuts + [len(out)])]
-    frame_level = model.cfg.evi_unit == "frame"  # each <evi> is one boundary frame; events are their pairs
-    k = [sum(x["stage"] == e["stage"] for x in evis[:j]) for j, e in enumerate(evis)]  # index within its stage
+    n = 2 if model.cfg.evi_unit == "frame" else 1  # frame-level <evi> (Tab. 6): a start and an end frame per event
     raw = pieces[0]
-    for e, j, piece in zip(evis, k, pieces[1:]):
+    for j, (e, piece) in enumerate(zip(evis, pieces[1:])):
+        k = sum(x["stage"] == e["stage"] for x in evis[:j])  # its index within its stage
         # the released code prints frame indices, at its uncapped 1 fps the whole seconds: so do the frames' times,
         # which stay seconds when max_frames thins a long video out
         s, t = (round(v) for v in e["seconds"])
-        raw += (f"{s} - " if j % 2 == 0 else f"{t} ") if frame_level else f"{s} - {t} "
-        raw += piece
+        raw += (f"{s} - {t} " if n == 1 else f"{s} - " if k % 2 == 0 else f"{t} ") + piece
     raw = raw.strip()
-    grounded, spans = ([e["seconds"] for e in evis if e["stage"] == s] for s in (1, 2))
-    if frame_level:
-        grounded, spans = ([(a[0], b[0]) for a, b in zip(x[::2], x[1::2])] for x in (grounded, spans))
-    # dense captions: the text after each answer event's <evi> (after the second of a frame-level pair) ...
-    captions = [c.strip() for e, c in zip(evis, pieces[1:]) if e["stage"] == 2]
-    captions = captions[1::2] if frame_level else captions
-    if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text, after each of those
+    grounded, spans = ([(x[i][0], x[i + n - 1][1]) for i in range(0, len(x) - n + 1, n)]
+                       for x in ([e["seconds"] for e in evis if e["stage"] == s] for s in (1, 2)))
+    # dense captions: the text after each answer event's (last) <evi> ...
+    captions = [c.strip() for e, c in zip(evis, pieces[1:]) if e["stage"] == 2][n - 1::n]
+    if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text (Tab. 4), after each of those
         stated = raw.split("</evi>")[-1]
-        spans = [(float(a), float(b)) for a, b in SPAN.findall(stated)]
-        captions = [c.strip() for c in SPAN.split(stated)[3::3]]
+        spans = [tuple(x) for x in parse_tvg(stated, answer=False)]
+        captions = [c.strip() for c in PAIR.split(stated)[3::3]]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding)"
     if len(evis) > len(frames):
         note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"
@@ -89,10 +78,9 @@ def read_benchmark(path, videos=None):
     data = [r for f in files for r in _json(f)]
     if not data:
         raise AnnotationError(f"{path}: no records to evaluate")
-    first = data[0]
-    if "conversations" in first:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
+    if "conversations" in data[0]:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
         return "world", [_world(r, i) for i, r in enumerate(read_annotations(path))], videos or os.path.dirname(path)
-    kind = "youcook2" if "segments" in first else "charades" if "timestamp" in first else "etbench"
+    kind = "youcook2" if "segments" in data[0] else "charades" if "timestamp" in data[0] else "etbench"
     if videos is None:
         raise AnnotationError(f"{path}: {kind} records name videos relative to a folder: give it with --videos DIR")
     try:
@@ -130,13 +118,16 @@ def _json(path):
 
 
 def _world(r, i):
+    """A world record -> its E.T. Bench record; `g`, a dense answer's captions (the text after each answer <evi>),
+    and `answer`, the answer stage's text (a qa answer is right when its first sentence is this one's)."""
     turns = {c["from"]: c["value"] for c in r["conversations"]}
     task, spans = WORLD_TASK.get(r.get("task", "single")), r["time_gt"]["interleaved_response"]
     if task is None:
         raise AnnotationError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
+    said = turns["gpt"].split("</evi>")[-1]
     return dict(task=task, source="world", idx=i, video=r["video"], q=turns["human"].replace("<image>", "").strip(),
-                tgt=spans if task in ("tal", "dvc") else spans[0], g=chunks(turns["gpt"]),
-                answer=turns["gpt"].split("</evi>")[-1].strip())
+                tgt=spans if task in ("tal", "dvc") else spans[0], g=[c.strip() for c in said.split("<evi>")[1:]],
+                answer=said.strip())
 
 
 def _src(src):
@@ -167,11 +158,12 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     cfg = model.cfg
     kind, recs, root = read_benchmark(path, videos)
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
-    parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
     by_key = {key(r): r for r in recs}
     if len(by_key) < len(recs):
         raise AnnotationError(f"{path}: records share a (task, source, idx): give each its own idx")
-    done = {key(p): p for f in [out] + parts() for p in _lines(f)}
+    parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
+    answered = lambda: {key(p): p for f in [out] + parts() for p in _lines(f)}  # noqa: E731
+    done = answered()
     if any({f: v for f, v in p.items() if f != "a"} != by_key.get(k) for k, p in done.items()):
         raise AnnotationError(f"{out}: holds predictions of other records than {path}'s; give another --out")
     if world > 1:
@@ -182,22 +174,19 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     mine = out if world == 1 else f"{out}.rank{rank}"
     os.makedirs(os.path.dirname(os.path.abspath(mine)), exist_ok=True)
     with open(mine, "a") as f:
-        for task in dict.fromkeys(r["task"] for r in todo):  # one progress bar per task
-            for r in tqdm([r for r in todo if r["task"] == task], desc=task, dynamic_ncols=True, position=rank):
-                frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
-                a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
-                           1.2 if task in PENALIZED else 1.0)
-                f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
-                f.flush()
+        for r in tqdm(todo, desc=os.path.basename(path), dynamic_ncols=True, position=rank):
+            frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
+            a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
+                       1.2 if r["task"] in PENALIZED else 1.0)
+            f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
+            f.flush()
     if world > 1:
         dist.barrier()
     if rank > 0:
         return None
-    got = {key(p): p for f in [out] + parts() for p in _lines(f)}
+    got = answered()
     preds = [got[k] for k in by_key]
-    with open(out + ".tmp", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in preds)
-    os.replace(out + ".tmp", out)  # one file, in the records' order
+    write_atomic(out, "".join(json.dumps(p) + "\n" for p in preds))  # one file, in the records' order
     for p in parts():
         os.remove(p)
     return score(kind, preds, sentsim)
@@ -217,19 +206,17 @@ def score(kind, preds, sentsim=None):
         return {"Table 1, new (D²VLM's scorer)": dict(r["new"]["table"], missing=missing),
                 "Table 1, original (E.T. Bench's)": dict(r["original"]["table"], missing=missing),
                 **{t: {v: pct(r[v]["tasks"][t]) for v in r} for t in r["new"]["tasks"]}}
-    # world qa answers in free text: right when its first sentence is the world's; GVQ's recall, over the rightly
-    # answered only, is then TEM's with the other answers blanked (their parse failures counted unblanked)
-    qa = [dict(p, task="tem", tgt=[p["tgt"]]) for p in preds if p["task"] == "gvq"]
-    right = [p["a"].split("</evi>")[-1].strip().split(".")[0] == p["answer"].split(".")[0] for p in qa]
-    blanked = [dict(p, a=p["a"] if ok else "") for p, ok in zip(qa, right)]
-    tasks = etbench_scores([p for p in preds if p["task"] != "gvq"] + blanked, "new", sentsim)["tasks"]
+    tasks = etbench_scores([p for p in preds if p["task"] != "gvq"], "new", sentsim)["tasks"]
+    m = {name: pct(tasks[t]) for name, t in WORLD_TASK.items() if t in tasks}
     single = [p for p in preds if p["task"] == "tvg"]
-    m = {name: pct(tasks[t]) for name, t in (("single", "tvg"), ("multi", "tal"), ("dense", "dvc")) if t in tasks}
     if single:  # with moment retrieval's R@1 and mIoU (Charades-STA's), over all and over parsed answers
         m["single"].update(charades_scores([p["a"] for p in single], [p["tgt"] for p in single]))
+    # qa answers in free text: right when the first sentence is the world's; Rec is GVQ's, over the right ones
+    qa = [p for p in preds if p["task"] == "gvq"]
     if qa:
-        m["qa"] = dict(Acc=100 * sum(right) / len(qa), Rec=100 * tasks["tem"]["Rec"], n=len(qa),
-                       failures=etbench_scores(qa)["tasks"]["tem"]["failures"])
+        right = [p["a"].split("</evi>")[-1].strip().split(".")[0] == p["answer"].split(".")[0] for p in qa]
+        ious, fails = _ious(qa, "new", right=right)
+        m["qa"] = dict(Acc=100 * sum(right) / len(qa), Rec=100 * _recall(ious), n=len(qa), failures=fails)
     gnd = [m[t]["F1"] for t in ("single", "multi") if t in m]  # E.T. Bench's grounding tasks
     m["avg"] = {"F1(gnd)": sum(gnd) / len(gnd) if gnd else None, "F1(cap)": m.get("dense", {}).get("F1"),
                 "Sim(cap)": m.get("dense", {}).get("Sim"), "Rec(com)": m.get("qa", {}).get("Rec")}
