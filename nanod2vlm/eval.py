@@ -561,21 +561,19 @@ def _iou_dvc(a, b):
     return inter / (min(max(e1, e2) - min(s1, s2), e1 - s1 + e2 - s2) + 1e-8)
 
 
-def _detect(pred, gt, t):
-    """Any-match precision and recall of predicted against GT spans at a strict IoU > t."""
-    iou = [[_iou_dvc(p, g) > t for g in gt] for p in pred]
-    return sum(map(any, iou)) / max(len(pred), 1), sum(map(any, zip(*iou))) / len(gt) if iou else 0.0
-
-
-def _pairs(pred, gt, t, rng):
-    """(predicted caption, GT caption) for every GT with IoU >= t, in prediction order; an unmatched prediction
-    is paired with a random string of 10-20 lowercase letters (unseeded in the official code, seeded here)."""
-    out = []
-    for span, cap in pred:
-        refs = [g for gs, g in gt if _iou_dvc(span, gs) >= t]
+def _match(pred, gt, t, rng):
+    """Predicted against GT ([s, e], caption) events at threshold t -> (P, R, caption pairs). P and R: any-match,
+    at a strict IoU > t. Pairs: (predicted caption, GT caption) for every GT with IoU >= t, in prediction order; an
+    unmatched prediction is paired with a random string of 10-20 lowercase letters (unseeded in the official code,
+    seeded here)."""
+    iou = [[_iou_dvc(p, g) for g, _ in gt] for p, _ in pred]
+    pairs = []
+    for (_, cap), row in zip(pred, iou):
         noise = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(10, 20)))
-        out += [(cap, g) for g in refs] or [(cap, noise)]
-    return out
+        pairs += [(cap, g) for x, (_, g) in zip(row, gt) if x >= t] or [(cap, noise)]
+    P = sum(any(x > t for x in row) for row in iou) / max(len(pred), 1)
+    R = sum(any(x > t for x in col) for col in zip(*iou)) / len(gt) if iou else 0.0
+    return P, R, pairs
 
 
 def _events(a, version="new"):
@@ -587,24 +585,22 @@ def _events(a, version="new"):
 
 def _dvc(recs, version, sentsim):
     """DVC, SLC: F1 of the dataset-level P and R (failures count as P = R = 0); SentSim over parsed videos."""
-    gt, pred, fails = {}, {}, 0  # keyed by video: two samples of one video overwrite each other
-    for r in recs:
-        events = _events(r["a"], version)
-        fails += not events
-        if events:
-            gt[r["video"]], pred[r["video"]] = list(zip(r["tgt"], r["g"])), events[:1000]
-    scale = 1 - fails / len(recs)
+    parsed = [(r, events) for r in recs if (events := _events(r["a"], version))]
+    pred = {r["video"]: events[:1000] for r, events in parsed}  # by video: one video's samples overwrite each other
+    gt = {r["video"]: list(zip(r["tgt"], r["g"])) for r, _ in parsed}
+    scale = len(parsed) / len(recs)  # failures count as P = R = 0
     rng = random.Random(0)
-    f1, sim = [], []
+    f1, sims = [], []
     for t in THR:
-        pr = [_detect([s for s, _ in pred[v]], [s for s, _ in gt[v]], t) for v in pred]
-        P, R = (scale * sum(x[k] for x in pr) / max(len(pr), 1) for k in (0, 1))
+        matched = [_match(pred[v], gt[v], t, rng) for v in pred]
+        P, R = (scale * sum(x[k] for x in matched) / max(len(matched), 1) for k in (0, 1))
         f1.append(_f1(P, R))
-        if sentsim is not None and pred:
-            per_video = [[(_clean(h), _clean(g)) for h, g in _pairs(pred[v], gt[v], t, rng)] for v in pred]
-            cos = iter(sentsim.cosine([h for p in per_video for h, _ in p], [g for p in per_video for _, g in p]))
-            sim.append(sum(sum(next(cos) for _ in p) / len(p) for p in per_video) / len(per_video))
-    return {"F1": sum(f1) / len(THR), "Sim": sum(sim) / len(THR) if sentsim is not None else None}, fails
+        if sentsim is not None and matched:
+            pairs = [[(_clean(h), _clean(g)) for h, g in x[2]] for x in matched]
+            cos = iter(sentsim.cosine([h for p in pairs for h, _ in p], [g for p in pairs for _, g in p]))
+            sims.append(sum(sum(next(cos) for _ in p) / len(p) for p in pairs) / len(pairs))
+    sim = sum(sims) / len(THR) if sentsim is not None else None
+    return {"F1": sum(f1) / len(THR), "Sim": sim}, len(recs) - len(parsed)
 
 
 def _clean(caption):
@@ -691,11 +687,10 @@ def youcook2_scores(preds, gts, seed=0):
     for video, gt in gts.items():
         events = _events(preds.get(video, ""))
         fails += video in preds and not events
-        pr = [_detect([s for s, _ in events], [s for s, _ in gt], t) for t in (0.3, 0.5, 0.7, 0.9)]
-        p, r = (sum(x[k] for x in pr) / 4 for k in (0, 1))
+        matched = [_match(events, gt, t, rng) for t in (0.3, 0.5, 0.7, 0.9)]
+        p, r = (sum(x[k] for x in matched) / 4 for k in (0, 1))
         f1.append(_f1(p, r))
-        scores = [cider_d([(ptb_tokenize(h), ptb_tokenize(g)) for h, g in _pairs(events, gt, t, rng)])
-                  for t in (0.3, 0.5, 0.7, 0.9)] if events else []
+        scores = [cider_d([(ptb_tokenize(h), ptb_tokenize(g)) for h, g in x[2]]) for x in matched] if events else []
         cider.append(sum(sum(s) / len(s) for s in scores) / 4 if scores else 0.0)
     mean = lambda xs: round(100 * sum(xs) / max(len(xs), 1), 1)
     return {"F1": mean(f1), "CIDEr": mean(cider), "METEOR": None, "SODA_c": None, "n": len(gts), "failures": fails,
