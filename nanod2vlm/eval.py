@@ -20,12 +20,9 @@ import math
 import os
 import random
 import re
-import string
 import time
 from collections import Counter
-from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -378,12 +375,11 @@ class SentSim(nn.Module):
 
     def __init__(self, path, max_len=256):
         super().__init__()
-        path = Path(path)
-        if not (path / "config.json").is_file():
+        if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path}: no config.json (give the folder of all-MiniLM-L6-v2 in HF format)")
-        c = json.loads((path / "config.json").read_text())
+        c = json.load(open(os.path.join(path, "config.json")))
         W = c["hidden_size"]
-        cfg = replace(Config(), qf_width=W, qf_heads=c["num_attention_heads"], qf_mlp=c["intermediate_size"])
+        cfg = Config(qf_width=W, qf_heads=c["num_attention_heads"], qf_mlp=c["intermediate_size"])
         self.embeddings = nn.ModuleDict(dict(
             word_embeddings=nn.Embedding(c["vocab_size"], W),
             position_embeddings=nn.Embedding(c["max_position_embeddings"], W),
@@ -392,7 +388,7 @@ class SentSim(nn.Module):
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             QFormerLayer(cfg, cross=False) for _ in range(c["num_hidden_layers"]))))
         load_safetensors_into(self, path, rename=_bert_key, missing_ok=("_query",))
-        self.tok = WordPiece(str(path / "vocab.txt"))
+        self.tok = WordPiece(os.path.join(path, "vocab.txt"))
         self.max_len = max_len
 
     @torch.no_grad()
@@ -428,7 +424,6 @@ def _bert_key(key):
     for root in ("embeddings.", "encoder."):
         if root in key and not key.endswith("position_ids"):
             return key[key.index(root):].replace(".self.", ".attention.")
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,7 +564,7 @@ def _match(pred, gt, t, rng):
     iou = [[_iou_dvc(p, g) for g, _ in gt] for p, _ in pred]
     pairs = []
     for (_, cap), row in zip(pred, iou):
-        noise = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(10, 20)))
+        noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(10, 20)))
         pairs += [(cap, g) for x, (_, g) in zip(row, gt) if x >= t] or [(cap, noise)]
     P = sum(any(x > t for x in row) for row in iou) / max(len(pred), 1)
     R = sum(any(x > t for x in col) for col in zip(*iou)) / len(gt) if iou else 0.0
@@ -616,7 +611,6 @@ COLUMNS = {"RAR": ("rar", "Acc"), "EVC": ("eca", "Acc"), "RVQ": ("rvq", "Acc"), 
            "TEM Rec": ("tem", "Rec"), "GVQ Rec": ("gvq", "Rec")}
 TABLE = {"Acc(ref)": ("RAR", "EVC", "RVQ"), "F1(gnd)": ("TVG", "EPM", "TAL", "EVS", "VHD"),
          "F1(cap)": ("DVC F1", "SLC F1"), "Sim(cap)": ("DVC Sim", "SLC Sim"), "Rec(com)": ("TEM Rec", "GVQ Rec")}
-COUNTS = ("n", "failures", "no_sim")
 
 
 def etbench_scores(records, version="new", sentsim=None):
@@ -627,8 +621,6 @@ def etbench_scores(records, version="new", sentsim=None):
     (None when one is missing: listed in "missing"). Counts per task: n, failures (parse failures) and no_sim
     (answers whose letter needed the similarity fallback while no SentSim was given: scored as misses).
     Sim is None without SentSim."""
-    if version not in ("new", "original"):
-        raise ValueError(f"etbench_scores: version {version!r}; use 'new' (D²VLM's) or 'original' (E.T. Bench's)")
     groups = {}
     for r in records:
         if r["task"] not in SCORERS:
@@ -640,11 +632,10 @@ def etbench_scores(records, version="new", sentsim=None):
         for recs in sources.values():
             metrics, fails = SCORERS[task](recs, version, sentsim)
             rows.append(dict(metrics, n=len(recs), failures=fails))
-        tasks[task] = {k: sum(x[k] for x in rows) if k in COUNTS else _mean5([x[k] for x in rows]) for k in rows[0]}
+        tasks[task] = {k: sum(x[k] for x in rows) if k in ("n", "failures", "no_sim") else _mean5([x[k] for x in rows]) for k in rows[0]}
     value = {col: tasks.get(t, {}).get(m) for col, (t, m) in COLUMNS.items()}
     return {"tasks": tasks, "table": {name: _pct([value[c] for c in cols]) for name, cols in TABLE.items()},
-            "columns": {c: _pct([v]) for c, v in value.items()}, "missing": [t for t in SCORERS if t not in tasks],
-            "version": version}
+            "columns": {c: _pct([v]) for c, v in value.items()}, "missing": [t for t in SCORERS if t not in tasks]}
 
 
 def _mean5(xs):
