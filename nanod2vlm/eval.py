@@ -611,6 +611,7 @@ COLUMNS = {"RAR": ("rar", "Acc"), "EVC": ("eca", "Acc"), "RVQ": ("rvq", "Acc"), 
            "TEM Rec": ("tem", "Rec"), "GVQ Rec": ("gvq", "Rec")}
 TABLE = {"Acc(ref)": ("RAR", "EVC", "RVQ"), "F1(gnd)": ("TVG", "EPM", "TAL", "EVS", "VHD"),
          "F1(cap)": ("DVC F1", "SLC F1"), "Sim(cap)": ("DVC Sim", "SLC Sim"), "Rec(com)": ("TEM Rec", "GVQ Rec")}
+COUNTS = ("n", "failures", "no_sim")  # summed over sources; the metrics are averaged
 
 
 def etbench_scores(records, version="new", sentsim=None):
@@ -632,7 +633,7 @@ def etbench_scores(records, version="new", sentsim=None):
         for recs in sources.values():
             metrics, fails = SCORERS[task](recs, version, sentsim)
             rows.append(dict(metrics, n=len(recs), failures=fails))
-        tasks[task] = {k: sum(x[k] for x in rows) if k in ("n", "failures", "no_sim") else _mean5([x[k] for x in rows]) for k in rows[0]}
+        tasks[task] = {k: sum(x[k] for x in rows) if k in COUNTS else _mean5([x[k] for x in rows]) for k in rows[0]}
     value = {col: tasks.get(t, {}).get(m) for col, (t, m) in COLUMNS.items()}
     return {"tasks": tasks, "table": {name: _pct([value[c] for c in cols]) for name, cols in TABLE.items()},
             "columns": {c: _pct([v]) for c, v in value.items()}, "missing": [t for t in SCORERS if t not in tasks]}
