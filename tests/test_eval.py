@@ -12,7 +12,7 @@ import nanod2vlm.eval as ev
 import sample
 import train
 from conftest import TINY
-from nanod2vlm.scorers import charades_scores, etbench_scores
+from nanod2vlm.eval import charades_scores, etbench_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = [{"A": "a red square", "B": "a blue circle", "C": "a green cross", "D": "a yellow diamond"}[c] for c in "ABCD"]
@@ -149,7 +149,7 @@ def test_sentsim_gives_sim_and_settles_letters(run, files, capsys, scripted, tmp
     that need the similarity fallback are scored with it."""
     import torch
     import transformers
-    from nanod2vlm.scorers import SentSim
+    from nanod2vlm.eval import SentSim
     from nanod2vlm.tokenizer import WordPiece
     d = tmp_path / "minilm"
     d.mkdir()
