@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanod2vlm.checkpoint import latest, load_safetensors_into, write_atomic
-from nanod2vlm.data import AnnotationError, normalize, read_annotations
+from nanod2vlm.data import AnnotationError, frame_span, normalize, read_annotations
 from nanod2vlm.model import Config, QFormerLayer
 from nanod2vlm.tokenizer import WordPiece
 
@@ -60,6 +60,7 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     if room < 1:
         raise ValueError(f"the prompt takes {len(ids)} positions, the model has {model.cfg.max_pos}")
     pixels = normalize(frames).to(next(model.parameters()).device)  # train.py evaluates on its training device
+    src = [frame_span(times, iv, model.cfg.fps) for iv in src]  # the frames of each question-side interval
     out, evis = model.generate(pixels, times, wp.encode(question), ids, min(max_new_tokens, room), temperature,
                                src=src, repetition_penalty=repetition_penalty)
     out = out[:-1] if out[-1:] == [tok.end_id] else out

@@ -609,7 +609,7 @@ class D2VLM(nn.Module):
                  repetition_penalty=1.0):
         """Decode one video. Each generated <evi> scores the frames, takes the best salient group as its interval,
         and gets the mean of that group's F~_V (prefill states of layer capture_layer) added to its input.
-        src: [s, e] (seconds, i.e. frames at 1 fps) for each question-side <evi> of the prompt. Returns the new ids
+        src: the inclusive frame span (data.frame_span) of each question-side <evi> of the prompt. Returns the new ids
         and one dict per <evi>: stage (1 or 2), frame span, seconds, sim over frames."""
         cfg, dev = self.cfg, frames.device
         T = frames.shape[0]
@@ -622,10 +622,11 @@ class D2VLM(nn.Module):
         E = self.llm.model.embed_tokens.weight  # (vocab, C)
         x, frm_pos = self.embed(ids, F_V.to(E.dtype))
         src_pos = ((ids[0] == cfg.evi_id) & (torch.arange(ids.shape[1], device=dev) > frm_pos[0, -1])).nonzero()[:, 0]
-        if len(src):  # released: seconds rounded to frames, clamped; (a reversed pair, which it pools to NaN, is flipped)
-            spans = torch.tensor([sorted(min(max(round(v), 0), T - 1) for v in iv) for iv in src], device=dev)
-            n = min(len(spans), len(src_pos))
-            x[0, src_pos[:n]] += pool(F_V.expand(n, -1, -1), spans[:n]).to(x.dtype)
+        if len(src) != len(src_pos):
+            raise ValueError(f"{len(src)} src intervals for {len(src_pos)} <evi> in the question")
+        if len(src):  # each gets the mean of F_V over its frames, as released
+            spans = torch.tensor(src, device=dev).view(-1, 2)
+            x[0, src_pos] += pool(F_V.expand(len(src), -1, -1), spans).to(x.dtype)
         evis, state = [], dict(stage=1)
 
         def embed(token, hs):

@@ -118,8 +118,9 @@ def test_etbench_all_tasks_both_scorers(run, files, capsys, scripted, tmp_path):
         assert c["prompt"].endswith(f"<image>\n{r['q']}<|end|>\n<|assistant|>\n")
     by = {r["task"]: c for r, c in zip(ETBENCH, scripted)}
     tok = sample.load_model(str(run))[1]
-    assert by["rar"]["src"] == [[1, 4]] and by["eca"]["src"] == [[2.5, 6.5]] and by["rvq"]["src"] == [[3, 3]]
-    assert by["tem"]["src"] == [[0, 2], [3, 5]] and by["tem"]["ids"].count(tok.evi_id) == 2  # two question <evi>
+    # src reaches the model as frame spans: seconds at 1 fps rounded half to even (2.5 -> 2, 6.5 -> 6)
+    assert by["rar"]["src"] == [(1, 4)] and by["eca"]["src"] == [(2, 6)] and by["rvq"]["src"] == [(3, 3)]
+    assert by["tem"]["src"] == [(0, 2), (3, 5)] and by["tem"]["ids"].count(tok.evi_id) == 2  # two question <evi>
     assert by["tvg"]["src"] == []
     assert {t for t, c in by.items() if c["penalty"] == 1.2} == {"rar", "eca", "rvq"}
     assert {c["penalty"] for t, c in by.items() if t not in ("rar", "eca", "rvq")} == {1.0}
