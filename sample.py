@@ -17,8 +17,7 @@ import torch.distributed as dist
 
 from nanod2vlm.checkpoint import export, load_model
 from nanod2vlm.data import FrameCache, cli, read_video, writable
-from nanod2vlm.eval import answer, evaluate, predictions_path, print_metrics
-from nanod2vlm.scorers import SentSim
+from nanod2vlm.eval import SentSim, answer, evaluate, predictions_path, print_metrics
 
 
 def plot(path, result, frames, times, gt=None):

@@ -63,13 +63,14 @@ class Train:
 
 
 # --stage=fpo defaults: the released objective (loss.fpo_step_loss: SFT terms 10/10 on the chosen response, beta 0.1,
-# soft targets, no reference model); steps, lr and batch are the nano run's.
+# soft targets, no reference model); steps, lr and batch are the nano run's (FULL's replace them at full scale).
 FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size=8, w_cons=10.0, soft_alpha=2.0)
 
 # --config=full defaults: the released recipe (its training scripts), for SFT and FPO alike: soft targets 2^-d, loss
 # weights 10 / 10, learning rates, AdamW betas (0.9, 0.999), 3 % warm-up, batch 1, and its data filters.
 FULL = dict(soft_alpha=2.0, w_gnd=10.0, w_cons=10.0, lr=2e-5, lora_lr=5e-5, beta2=0.999, warmup=0.03, batch_size=1,
             min_duration=5.0, max_duration=350.0, max_words=200)
+FULL_FPO = dict(init="", out="runs/full-fpo", grad_accum=8)  # the released FPO: gradient accumulation 8; --init yours
 
 
 def parse(argv):
@@ -111,8 +112,11 @@ def parse(argv):
         print(f"--resume: {ckpt} with its model and its run's settings: " + ", ".join(
             f"{k}={v}" for k, v in asdict(t).items() if v != getattr(Train(), k) and k != "resume"))
     else:
-        presets = (FPO if t.stage == "fpo" else {}) | (FULL if t.config == "full" else {})
+        fpo, full = t.stage == "fpo", t.config == "full"
+        presets = (FPO if fpo else {}) | (FULL if full else {}) | (FULL_FPO if fpo and full else {})
         t = replace(t, **{k: v for k, v in presets.items() if k not in kv})
+        if fpo and not t.init:
+            raise InputError("--stage=fpo: give --init, the SFT run (or its official export) to start from")
         cfg = override(CONFIGS[t.config])
     low = dict(steps=1, batch_size=1, grad_accum=1, ckpt_every=1)  # the other numbers: >= 0
     bad = [f"--{k}={v}: give a number >= {low.get(k, 0)}" for k, v in asdict(t).items()
@@ -174,12 +178,13 @@ def vit_features(model, frames, dev):
         return model.visual(frames.to(dev)).cpu()
 
 
-def vit_tag(model):
-    """Names the feature extractor in the cache key: a hash of the frozen tower's weights."""
+def vit_tag(model, dev):
+    """Names the feature extractor in the cache key: a hash of the frozen tower's weights, and bf16 where the
+    features were computed under a GPU's autocast."""
     h = hashlib.sha1()
     for k, v in model.visual.state_dict().items():
         h.update(k.encode() + v.detach().float().cpu().numpy().tobytes())
-    return "vit" + h.hexdigest()[:12]
+    return "vit" + h.hexdigest()[:12] + ("" if dev == "cpu" else "bf16")
 
 
 def keep(rec, t):
@@ -224,6 +229,8 @@ def main(argv):
     t, cfg = parse(argv)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -256,7 +263,7 @@ def main(argv):
     train_json = t.train_json or os.path.join(t.data, "train.json" if t.stage == "sft" else "fpo_pairs.json")
     video = dict(fps=cfg.fps, size=cfg.img_size, max_frames=cfg.max_frames, alpha=t.soft_alpha or None)
     if t.vit_cache:  # the frozen tower encodes each video once; batches then carry its features (B, T, P, W)
-        video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model))
+        video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model, dev))
     if t.stage == "sft":
         every = read_annotations(train_json, videos=os.path.dirname(train_json))  # every video there, checked now
         records = [ablate(r, cfg) for r in every if keep(r, t)]
@@ -320,7 +327,7 @@ def main(argv):
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= world
-            vals = torch.tensor(list(logs.values()))
+            vals = torch.tensor(list(logs.values()), device=dev)  # NCCL reduces device tensors only
             dist.all_reduce(vals)
             logs = dict(zip(logs, (vals / world).tolist()))
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -21,12 +21,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanod2vlm.data import InputError
 from nanod2vlm.model import CONFIGS, Config, D2VLM, LoRALinear, Phi3, add_lora, is_adapter
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
-class CheckpointError(InputError):
+class CheckpointError(ValueError):
     pass
 
 
@@ -225,10 +224,9 @@ def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
     model-0000K-of-0000N.safetensors + model.safetensors.index.json in official names (position_ids included),
     config.json (`model_type: etchat_phi3`; our Config under "nanod2vlm"), the tokenizers; the base folder's other
     tokenizer and generation settings are copied along."""
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            m.merge()
-    state = {official_name(k): v for k, v in model.state_dict().items() if "lora_" not in k}
+    state = model.state_dict()
+    state.update({f"{name}.weight": m.merged().detach() for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    state = {official_name(k): v for k, v in state.items() if "lora_" not in k}
     state["model.qformer_bert.bert.embeddings.position_ids"] = torch.arange(model.cfg.qf_max_pos)[None]
     shards, size = [{}], 0
     for k, v in state.items():

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
+
+from nanod2vlm.checkpoint import CheckpointError, write_atomic
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,14 +37,14 @@ class InputError(ValueError):
 
 
 def cli(main):
-    """A script's main(argv) that ends a bad input (InputError: bad videos, annotations, checkpoints, options) or a
-    file that cannot be read or written (OSError: a read-only folder, a full disk) in one line `error: ...` and exit
+    """A script's main(argv) that ends a bad input (InputError: bad videos, annotations, options; CheckpointError) or
+    a file that cannot be read or written (OSError: a read-only folder, a full disk) in one line `error: ...` and exit
     status 1 (argparse's usage errors: 2), instead of a traceback."""
     @functools.wraps(main)
     def run(argv=None):
         try:
             return main(sys.argv[1:] if argv is None else argv)
-        except InputError as e:
+        except (InputError, CheckpointError) as e:
             sys.exit(f"error: {e}")
         except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
             sys.exit(f"error: {e} (what was written before is intact)")  # e.g. a read-only folder, a full disk
@@ -257,25 +259,30 @@ def _check_record(r):
 # <evi> frame targets
 
 
-def frame_span(times, interval):
-    """Inclusive frame-index range [a, b] of interval [s, e] in seconds: each end rounded to the nearest frame
-    (Python round, half to even), clamped, and ordered, as the released code does at 1 fps, where seconds are frame
-    indices; here the frames' real times define the frame axis, so subsampled or variable-rate videos map too."""
-    axis = torch.arange(len(times), dtype=torch.float64)
-    a, b = (round(float(np.interp(v, times.double().numpy(), axis.numpy()))) for v in interval)
+def frame_pos(times, v, fps=1.0):
+    """Second v on the frame axis: v * fps as released, which treats second k / fps as frame k (also on a 29.97 fps
+    video, whose kept frames sit at 1.001 s steps); when read_video thinned a long video, by its frames' real times."""
+    if float(times[-1]) * fps < len(times):  # every 1 / fps frame was kept
+        return v * fps
+    return float(np.interp(v, times.double().numpy(), np.arange(len(times))))
+
+
+def frame_span(times, interval, fps=1.0):
+    """Inclusive frame-index range [a, b] of interval [s, e] in seconds: each end's frame_pos rounded (Python round,
+    half to even), clamped and ordered, as released."""
+    a, b = (min(max(round(frame_pos(times, v, fps)), 0), len(times) - 1) for v in interval)
     return min(a, b), max(a, b)
 
 
-def frame_targets(times, interval, alpha=None, exact=False):
+def frame_targets(times, interval, alpha=None, exact=False, fps=1.0):
     """Frame target y (T,) of one <evi> (Eq. 3 / Eq. 6): 1 on the interval's frames, 0 elsewhere (paper); with
     `alpha`, the released code's soft target alpha^-d, d = distance in frames to the interval (alpha = 2). exact: d
     from the interval's unrounded ends (the released FPO targets are not rounded to frames)."""
     j = torch.arange(len(times), dtype=torch.float64)
     if exact:
-        axis = times.double().numpy()
-        a, b = sorted(float(np.interp(v, axis, j.numpy())) for v in interval)
+        a, b = sorted(frame_pos(times, v, fps) for v in interval)
     else:
-        a, b = frame_span(times, interval)
+        a, b = frame_span(times, interval, fps)
     d = (a - j).clamp(min=0) + (j - b).clamp(min=0)
     return (d == 0).float() if alpha is None else (float(alpha) ** -d).float()
 
@@ -310,7 +317,7 @@ class VideoDataset(Dataset):
         question = turns["human"].replace("<image>\n", "").replace("<image>", "")
         return dict(ids=prompt, frames=x if self.video["encode"] else normalize(x), times=times,
                     q_ids=torch.tensor(self.q_tokenize(question)), src_pos=src_pos[:len(src)],
-                    src_span=torch.tensor([frame_span(times, s) for s in src], dtype=torch.long).view(-1, 2),
+                    src_span=self.frames_of(times, src),
                     responses=[self.response(turns["gpt"], r.get("time_gt", {}), times)], meta=r)
 
     def response(self, answer, gt, times):
@@ -320,11 +327,15 @@ class VideoDataset(Dataset):
         spans = eg + ir
         evi_pos = (resp == self.tok.evi_id).nonzero().flatten()
         assert len(evi_pos) == len(spans)  # read_annotations checked the counts
-        y = [frame_targets(times, s, self.alpha, self.exact) for s in spans]
+        y = [frame_targets(times, s, self.alpha, self.exact, self.video["fps"]) for s in spans]
         return dict(resp=resp, evi_pos=evi_pos, evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
                     evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),
-                    evi_span=torch.tensor([frame_span(times, s) for s in spans], dtype=torch.long).view(-1, 2),
-                    evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
+                    evi_span=self.frames_of(times, spans), evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
+
+    def frames_of(self, times, intervals):
+        """Intervals in seconds -> inclusive frame spans (N, 2)."""
+        spans = [frame_span(times, iv, self.video["fps"]) for iv in intervals]
+        return torch.tensor(spans, dtype=torch.long).view(-1, 2)
 
 
 def ablate(rec, cfg):
@@ -419,10 +430,7 @@ class FrameCache:
                     frames = encode(normalize(frames)).contiguous()
             out = frames, times
             if file:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-                save_file({"x": out[0], "times": out[1]}, tmp)
-                os.replace(tmp, file)  # atomic: readers never see a half-written file
+                write_atomic(file, {"x": out[0], "times": out[1]})  # readers never see a half-written file
         self.mem[key] = out
         self.used += sum(x.nbytes for x in out)
         while self.used > self.mem_bytes and len(self.mem) > 1:

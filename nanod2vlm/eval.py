@@ -1,22 +1,39 @@
-"""Evaluation: answer as the released D²VLM inference does, and score a whole benchmark with nanod2vlm/scorers.py.
+"""Evaluation: answer as the released D²VLM inference does, run a whole benchmark, and score it by the paper's
+scorers, written from their definitions: E.T. Bench (Table 1), Charades-STA (Table 2), YouCook2 (Table 3).
 
 Files read by `evaluate`: the synthetic world's records (`conversations`), E.T. Bench's (`task, source, idx, video,
 q, src, tgt, o, p, g`; a file or a folder of them), and TimeIT's Charades-STA and YouCook2 files (`annotations`).
 Every one becomes an E.T. Bench record; its prediction is that record plus `a`, the answer as the released code
 renders it, appended to a JSON-lines file as it comes, so that a killed run continues where it stopped.
+
+The scorers are written from the protocol description, not from any benchmark's code; every rule, quirk included,
+follows what the official scorers compute (the `>` / `>=` choices, any-match instead of one-to-one pairing, float32
+IoU ties, the denominators). E.T. Bench is scored in two versions: `original`, E.T. Bench's own scorer (the
+leaderboard), and `new`, D²VLM's modified scorer, which made the paper's Table 1 (answers split on `</evi>`,
+any-span TVG/EPM, midpoint VHD, a letter that is final, and its bugs: the EVS map that unions answer and evidence
+spans, the TAL sum that resets). Not computed: METEOR and SODA_c (they need Java and METEOR's jar), reported as
+None. Approximation: Stanford's PTB tokenizer (Java) is replaced by `ptb_tokenize`.
 """
 import glob
 import json
+import math
 import os
+import random
 import re
 import time
+from collections import Counter
+from functools import partial
 
+import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanod2vlm.checkpoint import latest
-from nanod2vlm.data import AnnotationError, InputError, normalize, read_annotations
-from nanod2vlm.scorers import SCORERS, charades_scores, etbench_scores, youcook2_scores
+from nanod2vlm.checkpoint import latest, load_safetensors_into, write_atomic
+from nanod2vlm.data import AnnotationError, InputError, frame_span, normalize, read_annotations
+from nanod2vlm.model import Config, QFormerLayer
+from nanod2vlm.tokenizer import WordPiece
 
 PENALIZED = {"rar", "eca", "rvq"}  # the referring tasks decode with repetition penalty 1.2, the others with none
 WORLD_TASK = {"single": "tvg", "multi": "tal", "dense": "dvc", "qa": "gvq"}  # the world's tasks are these
@@ -27,13 +44,6 @@ YOUCOOK2_Q = ("You are given a video about 'making fattoush'. Watch the video ca
               "cooking steps. For each step, you need to determine the start and ends times and provide a concise "
               "description. The format of your response should be: '<start time> - <end time>, <description>'.")
 # (both as the released conversion scripts write them, "densly" and "ends times" included)
-SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*s?\s*(?:-|–|to)\s*(\d+(?:\.\d+)?)(?:\s*s(?:econds)?\b)?")  # "1 - 4.5", "6.3s - 12.1s"
-
-
-def chunks(text, evi="<evi>"):
-    """The answer part (after </evi>) split at each <evi>: the text that follows each reference."""
-    answer = text.split("</evi>", 1)[-1]
-    return [c.strip() for c in answer.split(evi)[1:]]
 
 
 def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, temperature=0.0, src=(),
@@ -51,34 +61,32 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
         raise InputError(f"the prompt takes {len(ids)} positions, the model has {model.cfg.max_pos}: ask a shorter "
                          "question, or about a shorter video")
     pixels = normalize(frames).to(next(model.parameters()).device)  # train.py evaluates on its training device
+    src = [frame_span(times, iv, model.cfg.fps) for iv in src]  # the frames of each question-side interval
     out, evis = model.generate(pixels, times, wp.encode(question), ids, min(max_new_tokens, room), temperature,
                                src=src, repetition_penalty=repetition_penalty)
     out = out[:-1] if out[-1:] == [tok.end_id] else out
     # split at the <evi> ids, not at the text "<evi>": byte-fallback pieces can spell that text too
     cuts = [j for j, x in enumerate(out) if x == tok.evi_id]
     pieces = [tok.decode(out[a + 1:b]) for a, b in zip([-1] + cuts, cuts + [len(out)])]
-    frame_level = model.cfg.evi_unit == "frame"  # each <evi> is one boundary frame; events are their pairs
-    k = [sum(x["stage"] == e["stage"] for x in evis[:j]) for j, e in enumerate(evis)]  # index within its stage
+    n = 2 if model.cfg.evi_unit == "frame" else 1  # frame-level <evi> (Tab. 6): a start and an end frame per event
     raw = pieces[0]
-    for e, j, piece in zip(evis, k, pieces[1:]):
+    for j, (e, piece) in enumerate(zip(evis, pieces[1:])):
+        k = sum(x["stage"] == e["stage"] for x in evis[:j])  # its index within its stage
         # the released code prints frame indices, at its uncapped 1 fps the whole seconds: so do the frames' times,
         # which stay seconds when max_frames thins a long video out
         s, t = (round(v) for v in e["seconds"])
-        raw += (f"{s} - " if j % 2 == 0 else f"{t} ") if frame_level else f"{s} - {t} "
-        raw += piece
+        raw += (f"{s} - {t} " if n == 1 else f"{s} - " if k % 2 == 0 else f"{t} ") + piece
     raw = raw.strip()
-    grounded, spans = ([e["seconds"] for e in evis if e["stage"] == s] for s in (1, 2))
-    if frame_level:
-        grounded, spans = ([(a[0], b[0]) for a, b in zip(x[::2], x[1::2])] for x in (grounded, spans))
-    # dense captions: the text after each answer event's <evi> (after the second of a frame-level pair) ...
-    captions = [c.strip() for e, c in zip(evis, pieces[1:]) if e["stage"] == 2]
-    captions = captions[1::2] if frame_level else captions
-    if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text, after each of those
+    grounded, spans = ([(x[i][0], x[i + n - 1][1]) for i in range(0, len(x) - n + 1, n)]
+                       for x in ([e["seconds"] for e in evis if e["stage"] == s] for s in (1, 2)))
+    # dense captions: the text after each answer event's (last) <evi> ...
+    captions = [c.strip() for e, c in zip(evis, pieces[1:]) if e["stage"] == 2][n - 1::n]
+    if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text (Tab. 4), after each of those
         stated = raw.split("</evi>")[-1]
-        spans = [(float(a), float(b)) for a, b in SPAN.findall(stated)]
-        captions = [c.strip() for c in SPAN.split(stated)[3::3]]
+        spans = [tuple(x) for x in parse_tvg(stated, answer=False)]
+        captions = [c.strip() for c in PAIR.split(stated)[3::3]]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding)"
-    if max(k, default=0) >= len(frames):  # a stage with more <evi> than frames (1 frame: one in each is fine)
+    if max(sum(e["stage"] == s for e in evis) for s in (1, 2)) > len(frames):  # a stage with more <evi> than frames
         note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"
     return dict(raw=raw, text=raw + note, grounding=grounded, answer_spans=spans, captions=captions, evis=evis,
                 seconds=time.time() - t0, frames=len(frames))
@@ -90,10 +98,9 @@ def read_benchmark(path, videos=None):
     data = [r for f in files for r in _json(f)]
     if not data:
         raise AnnotationError(f"{path}: no records to evaluate")
-    first = data[0]
-    if "conversations" in first:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
+    if "conversations" in data[0]:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
         return "world", [_world(r, i) for i, r in enumerate(read_annotations(path))], videos or os.path.dirname(path)
-    kind = "youcook2" if "segments" in first else "charades" if "timestamp" in first else "etbench"
+    kind = "youcook2" if "segments" in data[0] else "charades" if "timestamp" in data[0] else "etbench"
     if videos is None:
         raise AnnotationError(f"{path}: {kind} records name videos relative to a folder: give it with --videos DIR")
     try:
@@ -131,13 +138,16 @@ def _json(path):
 
 
 def _world(r, i):
+    """A world record -> its E.T. Bench record; `g`, a dense answer's captions (the text after each answer <evi>),
+    and `answer`, the answer stage's text (a qa answer is right when its first sentence is this one's)."""
     turns = {c["from"]: c["value"] for c in r["conversations"]}
     task, spans = WORLD_TASK.get(r.get("task", "single")), r["time_gt"]["interleaved_response"]
     if task is None:
         raise AnnotationError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
+    said = turns["gpt"].split("</evi>")[-1]
     return dict(task=task, source="world", idx=i, video=r["video"], q=turns["human"].replace("<image>", "").strip(),
-                tgt=spans if task in ("tal", "dvc") else spans[0], g=chunks(turns["gpt"]),
-                answer=turns["gpt"].split("</evi>")[-1].strip())
+                tgt=spans if task in ("tal", "dvc") else spans[0], g=[c.strip() for c in said.split("<evi>")[1:]],
+                answer=said.strip())
 
 
 def _src(src):
@@ -168,11 +178,12 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     cfg = model.cfg
     kind, recs, root = read_benchmark(path, videos)
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
-    parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
     by_key = {key(r): r for r in recs}
     if len(by_key) < len(recs):
         raise AnnotationError(f"{path}: records share a (task, source, idx): give each its own idx")
-    done = {key(p): p for f in [out] + parts() for p in _lines(f)}
+    parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
+    answered = lambda: {key(p): p for f in [out] + parts() for p in _lines(f)}  # noqa: E731
+    done = answered()
     if any({f: v for f, v in p.items() if f != "a"} != by_key.get(k) for k, p in done.items()):
         raise AnnotationError(f"{out}: holds predictions of other records than {path}'s; give another --out")
     if world > 1:
@@ -183,22 +194,19 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     mine = out if world == 1 else f"{out}.rank{rank}"
     os.makedirs(os.path.dirname(os.path.abspath(mine)), exist_ok=True)
     with open(mine, "a") as f:
-        for task in dict.fromkeys(r["task"] for r in todo):  # one progress bar per task
-            for r in tqdm([r for r in todo if r["task"] == task], desc=task, dynamic_ncols=True, position=rank):
-                frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
-                a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
-                           1.2 if task in PENALIZED else 1.0)
-                f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
-                f.flush()
+        for r in tqdm(todo, desc=os.path.basename(path), dynamic_ncols=True, position=rank):
+            frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
+            a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
+                       1.2 if r["task"] in PENALIZED else 1.0)
+            f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
+            f.flush()
     if world > 1:
         dist.barrier()
     if rank > 0:
         return None
-    got = {key(p): p for f in [out] + parts() for p in _lines(f)}
+    got = answered()
     preds = [got[k] for k in by_key]
-    with open(out + ".tmp", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in preds)
-    os.replace(out + ".tmp", out)  # one file, in the records' order
+    write_atomic(out, "".join(json.dumps(p) + "\n" for p in preds))  # one file, in the records' order
     for p in parts():
         os.remove(p)
     return score(kind, preds, sentsim)
@@ -218,19 +226,17 @@ def score(kind, preds, sentsim=None):
         return {"Table 1, new (D²VLM's scorer)": dict(r["new"]["table"], missing=missing),
                 "Table 1, original (E.T. Bench's)": dict(r["original"]["table"], missing=missing),
                 **{t: {v: pct(r[v]["tasks"][t]) for v in r} for t in r["new"]["tasks"]}}
-    # world qa answers in free text: right when its first sentence is the world's; GVQ's recall, over the rightly
-    # answered only, is then TEM's with the other answers blanked (their parse failures counted unblanked)
-    qa = [dict(p, task="tem", tgt=[p["tgt"]]) for p in preds if p["task"] == "gvq"]
-    right = [p["a"].split("</evi>")[-1].strip().split(".")[0] == p["answer"].split(".")[0] for p in qa]
-    blanked = [dict(p, a=p["a"] if ok else "") for p, ok in zip(qa, right)]
-    tasks = etbench_scores([p for p in preds if p["task"] != "gvq"] + blanked, "new", sentsim)["tasks"]
+    tasks = etbench_scores([p for p in preds if p["task"] != "gvq"], "new", sentsim)["tasks"]
+    m = {name: pct(tasks[t]) for name, t in WORLD_TASK.items() if t in tasks}
     single = [p for p in preds if p["task"] == "tvg"]
-    m = {name: pct(tasks[t]) for name, t in (("single", "tvg"), ("multi", "tal"), ("dense", "dvc")) if t in tasks}
     if single:  # with moment retrieval's R@1 and mIoU (Charades-STA's), over all and over parsed answers
         m["single"].update(charades_scores([p["a"] for p in single], [p["tgt"] for p in single]))
+    # qa answers in free text: right when the first sentence is the world's; Rec is GVQ's, over the right ones
+    qa = [p for p in preds if p["task"] == "gvq"]
     if qa:
-        m["qa"] = dict(Acc=100 * sum(right) / len(qa), Rec=100 * tasks["tem"]["Rec"], n=len(qa),
-                       failures=etbench_scores(qa)["tasks"]["tem"]["failures"])
+        right = [p["a"].split("</evi>")[-1].strip().split(".")[0] == p["answer"].split(".")[0] for p in qa]
+        ious, fails = _ious(qa, "new", right=right)
+        m["qa"] = dict(Acc=100 * sum(right) / len(qa), Rec=100 * _recall(ious), n=len(qa), failures=fails)
     gnd = [m[t]["F1"] for t in ("single", "multi") if t in m]  # E.T. Bench's grounding tasks
     m["avg"] = {"F1(gnd)": sum(gnd) / len(gnd) if gnd else None, "F1(cap)": m.get("dense", {}).get("F1"),
                 "Sim(cap)": m.get("dense", {}).get("Sim"), "Rec(com)": m.get("qa", {}).get("Rec")}
@@ -250,3 +256,459 @@ def print_metrics(m):
     to be not computed."""
     for name, vals in m.items():
         print(f"{name:>12}: " + "  ".join(f"{k}={_fmt(k, v)}" for k, v in vals.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scorers
+
+THR = (0.1, 0.3, 0.5, 0.7)  # E.T. Bench's IoU thresholds
+NUM = r"\d+\.*\d*"
+PAIR = re.compile(rf"({NUM})\s*-\s*({NUM})")
+KEYWORDS = ("starts", "ends", "happens in", "start time", "end time", "start", "end", "happen")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Answer parsers
+
+def split_answer(a, kind, version):
+    """D²VLM's split of an answer on `</evi>` -> (evidence part, answer part); (None, None) when the delimiter is
+    required and missing (a parse failure). kind "span": lowercased, the last piece (TVG, EPM, TAL, EVS, VHD, TEM,
+    GVQ's recall; VHD splits the raw text, which differs only for an upper-case `</EVI>`); "dvc": the second piece;
+    "letter": the last piece, the whole text without delimiter. The original scorer parses the whole answer."""
+    if version == "original":
+        return a, a
+    parts = (a.lower() if kind == "span" else a).split("</evi>")
+    if len(parts) == 1 and kind != "letter":
+        return None, None
+    return parts[0], parts[1] if kind == "dvc" else parts[-1]
+
+
+def _floats(pairs):
+    try:  # trailing periods are stripped ("5." -> 5)
+        return [[float(s.rstrip(".")), float(e.rstrip("."))] for s, e in pairs]
+    except ValueError:  # "1..2": the official scorers raise; here it is a parse failure
+        return None
+
+
+def parse_tvg(text, answer=True):
+    """P-TVG: the spans of an answer, [] for a parse failure. "s - e" anywhere (periods do not split sentences),
+    else "s to e", else the first number (then the first h:mm:ss) of each sentence that names a start/end, paired.
+    Answer spans are ordered ascending; evidence spans (answer=False) are kept as written."""
+    t = (text or "").lower()
+    spans = _floats(PAIR.findall(t) or re.findall(rf"({NUM})\s+to\s+({NUM})", t))
+    if spans is None:
+        return []
+    cands = [s for s in re.split(r"[!?\n]", t) if any(k in s for k in KEYWORDS)]
+    for rx, sec in ((r"\b(?:\d+\.\d+|\d+)\b", float), (r"\b\d{1,2}:\d{2}:\d{2}\b", _hms)):  # a number, an h:mm:ss
+        times = [sec(m.group()) for s in cands if (m := re.search(rx, s))]
+        spans = spans or [times[i:i + 2] for i in range(0, len(times) - 1, 2)]  # only while nothing is found
+    return [sorted(x) for x in spans] if answer else spans
+
+
+def _hms(x):
+    return sum(int(v) * 60 ** k for k, v in enumerate(x.split(":")[::-1]))
+
+
+def parse_dvc(text, whole=None, version="new"):
+    """P-DVC: [([s, e], caption), ...] of a dense-captioning answer, [] for a parse failure. Captions are the
+    text between the "s - e" spans (pieces over 5 characters), paired with the spans by position. Fallbacks:
+    "start time: s ... end time: e" with "description:" or "*" captions; then one event from the first line (or
+    sentence) of `whole` (the new scorer's whole raw answer) with a time. The official third form, "start time s,
+    end time e", always ends in a failure (an assertion trips) and is not written."""
+    t = (text or "").lower()
+    if version == "new":
+        t = re.sub(r"\.{2,}", " ", t)
+    found = list(PAIR.finditer(t))
+    if found:
+        spans = _floats(m.groups() for m in found)
+        caps = t
+        for m in found:
+            caps = caps.replace(m.group(), "\n")
+        caps = [c.strip().strip(", ") for c in caps.replace("seconds", "").split("\n") if len(c) > 5]
+        return [(sorted(s), c) for s, c in zip(spans, caps)] if spans else []
+    starts, ends = re.findall(rf"start time:\s*({NUM})", t), re.findall(rf"end time:\s*({NUM})", t)
+    caps = re.findall(r"description:\s*(.+)", t) or re.findall(r"^\s*\*\s*(.+)", t, re.M)
+    if (spans := _floats(zip(starts, ends))) and caps:
+        return [(sorted(s), c.strip()) for s, c in zip(spans, caps)]
+    t = (text if whole is None else whole).lower()  # last: one event, from the first piece (line, else sentence)
+    for piece in [p for p in (t.split("\n") if "\n" in t else t.split(".")) if len(p) > 7]:
+        if m := PAIR.search(piece):
+            span = (_floats([m.groups()]) or [None])[0]
+        else:
+            times = [_hms(x) for x in re.findall(r"\d+:\d{2}", piece)]
+            times = times or [float(x) for x in re.findall(r"\d+(?:\.\d+)?", piece)]
+            if not times:
+                continue
+            t0 = times[0]  # one time: a 40 s window around it, or from it near the start
+            span = times[:2] if len(times) > 1 else [t0 - 20, t0 + 20] if t0 > 20 else [t0, t0 + 40]
+        return [(sorted(span), piece.split("seconds")[-1].strip())] if span else []
+    return []
+
+
+def parse_letter(answer, n_options):
+    """The letter parser: (option index or None, cleaned answer). "A man runs" reads as A (a letter followed by
+    ".", ",", " " or ")"); an empty cleaned answer is a failure. Lowercases all (GVQ lowercases only its prefix
+    test; the same result, since the similarity model is uncased)."""
+    t = answer.lower().removeprefix("best option:").lstrip().lstrip("(").lstrip()
+    letter = t[:1] if len(t) == 1 or t[1:2] in (".", ",", " ", ")") else ""
+    i = "abcde"[:n_options].find(letter) if letter else -1
+    return (i if i >= 0 else None), t
+
+
+def ptb_tokenize(text):
+    """Approximates Stanford's PTBTokenizer (Java) as the caption metrics use it: lowercase, split words from
+    punctuation ("don't" -> do n't, "man's" -> man 's; hyphenated words and decimals stay whole), drop the
+    punctuation tokens the official code drops (quotes, brackets ( ) { }, . ? ! , : ; - -- ...)."""
+    tokens = re.findall(r"[a-z0-9]+(?=n't)|n't|'[a-z]+|[a-z0-9]+(?:[-.,:/][a-z0-9]+)*|\.\.\.|--|\S", text.lower())
+    return [w for w in tokens if w not in PTB_DROP]
+
+
+PTB_DROP = {"'", "''", "`", "``", '"', "(", ")", "{", "}", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SentSim: all-MiniLM-L6-v2 (BERT encoder, masked mean pooling, L2 norm), reusing the Q-Former's BERT layers
+
+class SentSim(nn.Module):
+    """Sentence similarity with all-MiniLM-L6-v2 from a folder (config.json, model.safetensors in HF BertModel
+    names, optionally prefixed, vocab.txt). A Q-Former layer without cross-attention and without queries is a
+    plain post-LN BERT layer; its unused query FFN stays unloaded. Texts are truncated on the right to 256 word
+    pieces, [CLS]/[SEP] included (sentence-transformers' max_seq_length)."""
+
+    def __init__(self, path, max_len=256):
+        super().__init__()
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: no config.json (give the folder of all-MiniLM-L6-v2 in HF format)")
+        c = json.load(open(os.path.join(path, "config.json")))
+        W = c["hidden_size"]
+        cfg = Config(qf_width=W, qf_heads=c["num_attention_heads"], qf_mlp=c["intermediate_size"])
+        self.embeddings = nn.ModuleDict(dict(
+            word_embeddings=nn.Embedding(c["vocab_size"], W),
+            position_embeddings=nn.Embedding(c["max_position_embeddings"], W),
+            token_type_embeddings=nn.Embedding(c.get("type_vocab_size", 2), W),
+            LayerNorm=nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-12))))
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
+            QFormerLayer(cfg, cross=False) for _ in range(c["num_hidden_layers"]))))
+        load_safetensors_into(self, path, rename=_bert_key, missing_ok=("_query",))
+        self.tok = WordPiece(os.path.join(path, "vocab.txt"))
+        self.max_len = max_len
+
+    @torch.no_grad()
+    def forward(self, texts):
+        """texts -> (N, W) L2-normalised embeddings."""
+        out = []
+        e = self.embeddings  # token type is always 0
+        for i in range(0, len(texts), 64):
+            ids = [torch.tensor(self.ids(t)) for t in texts[i:i + 64]]
+            tok = nn.utils.rnn.pad_sequence(ids, True, self.tok.pad_id).to(e.word_embeddings.weight.device)  # (N, L)
+            valid = tok != self.tok.pad_id  # basic_tokenize splits "[PAD]" in a text: only padding is [PAD]
+            pos = torch.arange(tok.shape[1], device=tok.device)
+            x = e.LayerNorm(e.word_embeddings(tok) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0])
+            for layer in self.encoder.layer:
+                x = layer(x, 0, valid[:, None, None, :], None)
+            pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # masked mean pooling
+            out.append(F.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+    def ids(self, text):
+        x = self.tok.encode(text, max_len=10 ** 9)
+        return x[:self.max_len - 1] + x[-1:]  # right truncation: the start and [SEP] are kept
+
+    def cosine(self, a, b):
+        """Cosine similarity of a[i] and b[i], each text encoded once."""
+        uniq = list(dict.fromkeys(a + b))
+        emb = dict(zip(uniq, self(uniq)))
+        return [float(emb[x] @ emb[y]) for x, y in zip(a, b)]
+
+
+def _bert_key(key):
+    """HF BertModel key, any prefix ("bert.", "0.auto_model.") -> our key; the pooler and position ids are dropped."""
+    for root in ("embeddings.", "encoder."):
+        if root in key and not key.endswith("position_ids"):
+            return key[key.index(root):].replace(".self.", ".attention.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# E.T. Bench: per-task metrics of one (task, source) group
+
+def _iou(a, b):
+    """nncore's temporal IoU in float32: spans (N, 2) x (M, 2) -> (N, M); two zero-length spans give NaN."""
+    a = torch.tensor(a, dtype=torch.float32).view(-1, 2)
+    b = torch.tensor(b, dtype=torch.float32).view(-1, 2)
+    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None] - inter)
+
+
+def _recall(ious):
+    """Mean over THR of hits / N; the float32 IoU, as a Python float, against the Python threshold: 7/10 misses 0.7."""
+    return sum(sum(x >= t for x in ious) for t in THR) / (len(THR) * len(ious))
+
+
+def _f1(p, r):
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _spans_of(recs, version):
+    return [parse_tvg(split_answer(r["a"], "span", version)[1]) for r in recs]
+
+
+def _ious(recs, version, best=False, right=None):
+    """TVG, EPM, TEM and GVQ's recall: per record the IoU of its first answer span (best: of its best one) with its
+    best GT span, 0.0 for a parse failure or a record not `right` -> (IoUs, parse failures)."""
+    spans = _spans_of(recs, version)
+    right = right or [True] * len(recs)
+    ious = [_iou(s if best else s[:1], r["tgt"]).max().item() if s and ok else 0.0
+            for r, s, ok in zip(recs, spans, right)]
+    return ious, sum(not s for s in spans)
+
+
+def _tvg(recs, version, sentsim, metric="F1"):
+    """TVG, EPM ("F1"): the first span (original) or the best span (new) against the GT span. TEM ("Rec"): the
+    first span against the best GT span."""
+    ious, fails = _ious(recs, version, best=version == "new" and metric == "F1")
+    return {metric: _recall(ious), "mIoU": sum(ious) / len(ious)}, fails
+
+
+def _tal(recs, version, sentsim):
+    """Per sample and threshold, any-match P and R (in float32, so 7/10 hits 0.7), F1 summed over samples."""
+    spans = _spans_of(recs, version)
+    total = torch.zeros(len(THR))
+    for r, s in zip(recs, spans):
+        iou = _iou(r["tgt"], s) if s else torch.zeros(1, 1)  # (GT, predictions); a failure passes no threshold
+        for k, t in enumerate(THR):
+            if iou.max() < t:  # NaN (two zero-length spans) passes this test
+                continue
+            rec, prc = (iou.amax(1) >= t).float().mean(), (iou.amax(0) >= t).float().mean()
+            # D²VLM's bug: P = R = 0 resets the sum so far (the original adds 0/0 = NaN)
+            total[k] = 0 if version == "new" and rec == prc == 0 else total[k] + 2 * prc * rec / (prc + rec)
+    return {"F1": (total / len(recs)).mean().item()}, sum(not s for s in spans)
+
+
+def _bins(spans):
+    m = torch.zeros(1000, dtype=torch.bool)  # 1-s bins, [round(s), round(e)): a reversed span marks nothing
+    for s, e in spans:
+        if e != math.inf:  # new drops an infinite end ("999...9" overflows), the original raises
+            m[max(0, round(s)):round(e)] = True
+    return m
+
+
+def _evs(recs, version, sentsim):
+    """Per-second F1, averaged over parsed samples only. New: the evidence spans land in the answer's map."""
+    f1s = []
+    for r in recs:
+        ev, ans = split_answer(r["a"], "span", version)
+        if spans := parse_tvg(ans):
+            pred = _bins(spans + (parse_tvg(ev, answer=False) if version == "new" else []))
+            gt = _bins(r["tgt"])
+            tp = (pred & gt).sum().item()  # of the seconds marked in pred (TP + FP) and in gt (TP + FN)
+            f1s.append(_f1(tp / pred.sum().item(), tp / gt.sum().item()) if tp else 0.0)
+    return {"F1": sum(f1s) / len(f1s) if f1s else 0.0}, len(recs) - len(f1s)
+
+
+def _flat(tgt):
+    return [tgt] if not isinstance(tgt[0], (list, tuple)) else [s for x in tgt for s in _flat(x)]
+
+
+def _vhd(recs, version, sentsim):
+    """A hit when the predicted time lies in any annotator's span: the first number (original), the midpoint of
+    the first answer span (new)."""
+    hits, fails = 0, 0
+    for r, spans in zip(recs, _spans_of(recs, version)):
+        if version == "original":
+            x = float(m.group()) if (m := re.search(r"[-+]?\d+(?:\.\d+)?", r["a"])) else None
+        else:
+            x = sum(spans[0]) / 2 if spans else None
+        fails += x is None
+        hits += x is not None and any(s <= x <= e for s, e in _flat(r["tgt"]))
+    return {"F1": hits / len(recs)}, fails
+
+
+def _choices(recs, version, sentsim, gvq=False):
+    """RAR, ECA, RVQ: Acc of letter + similarity answers; the original is lenient (a first "(x)" anywhere, the
+    letter and the similarity each may score), a valid letter is final in the new. GVQ: a valid letter is final in
+    both; options counted per sample; Rec, the recall of the first span over the rightly answered only
+    (denominator: all samples). no_sim: answers left to the similarity while no SentSim is given (misses)."""
+    lenient = version == "original" and not gvq
+    hits, fails, no_sim = [], 0, 0
+    for r in recs:
+        a = split_answer(r["a"], "letter", version)[1]
+        i, t = parse_letter(a, len(r["o"] if gvq else recs[0]["o"]))
+        hit = i == r["p"]
+        if lenient and (m := re.search(r"\(([a-z])\)", a.lower())):
+            hit |= m.group(1) == "abcde"[r["p"]]
+        fails += not t
+        if t and not hit and (i is None or lenient):
+            no_sim += sentsim is None
+            if sentsim is not None:
+                opts = [f"({chr(65 + k)}) " + (f"{x[0]} - {x[1]}" if isinstance(x, list) else str(x))
+                        for k, x in enumerate(r["o"])]  # a span option reads "s - e"
+                cos = sentsim.cosine([t] * len(opts), opts)
+                hit = max(range(len(opts)), key=cos.__getitem__) == r["p"]  # the first maximum wins
+        hits.append(hit)
+    m = {"Acc": sum(hits) / len(recs), "no_sim": no_sim}
+    if gvq:
+        m["Rec"] = _recall(_ious(recs, version, right=hits)[0])
+    return m, fails
+
+
+def _iou_dvc(a, b):
+    """The captioning scorers' IoU: endpoints ordered, union capped by the two lengths, + 1e-8."""
+    (s1, e1), (s2, e2) = sorted(a), sorted(b)
+    inter = max(0, min(e1, e2) - max(s1, s2))
+    return inter / (min(max(e1, e2) - min(s1, s2), e1 - s1 + e2 - s2) + 1e-8)
+
+
+def _match(pred, gt, t, rng):
+    """Predicted against GT ([s, e], caption) events at threshold t -> (P, R, caption pairs). P and R: any-match,
+    at a strict IoU > t. Pairs: (predicted caption, GT caption) for every GT with IoU >= t, in prediction order; an
+    unmatched prediction is paired with a random string of 10-20 lowercase letters (unseeded in the official code,
+    seeded here)."""
+    iou = [[_iou_dvc(p, g) for g, _ in gt] for p, _ in pred]
+    pairs = []
+    for (_, cap), row in zip(pred, iou):
+        noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(10, 20)))
+        pairs += [(cap, g) for x, (_, g) in zip(row, gt) if x >= t] or [(cap, noise)]
+    P = sum(any(x > t for x in row) for row in iou) / max(len(pred), 1)
+    R = sum(any(x > t for x in col) for col in zip(*iou)) / len(gt) if iou else 0.0
+    return P, R, pairs
+
+
+def _events(a, version="new"):
+    """P-DVC of an answer's part; new: piece 1 after `</evi>` (none: a failure), the whole answer for the last
+    fallback."""
+    part = split_answer(a, "dvc", version)[1]
+    return parse_dvc(part, a, version) if part is not None else []
+
+
+def _dvc(recs, version, sentsim):
+    """DVC, SLC: F1 of the dataset-level P and R (failures count as P = R = 0); SentSim over parsed videos."""
+    parsed = [(r, events) for r in recs if (events := _events(r["a"], version))]
+    pred = {r["video"]: events[:1000] for r, events in parsed}  # by video: one video's samples overwrite each other
+    gt = {r["video"]: list(zip(r["tgt"], r["g"])) for r, _ in parsed}
+    scale = len(parsed) / len(recs)  # failures count as P = R = 0
+    rng = random.Random(0)
+    f1, sims = [], []
+    for t in THR:
+        matched = [_match(pred[v], gt[v], t, rng) for v in pred]
+        P, R = (scale * sum(x[k] for x in matched) / max(len(matched), 1) for k in (0, 1))
+        f1.append(_f1(P, R))
+        if sentsim is not None and matched:
+            pairs = [[(_clean(h), _clean(g)) for h, g in x[2]] for x in matched]
+            cos = iter(sentsim.cosine([h for p in pairs for h, _ in p], [g for p in pairs for _, g in p]))
+            sims.append(sum(sum(next(cos) for _ in p) / len(p) for p in pairs) / len(pairs))
+    sim = sum(sims) / len(THR) if sentsim is not None else None
+    return {"F1": sum(f1) / len(THR), "Sim": sim}, len(recs) - len(parsed)
+
+
+def _clean(caption):
+    """Non-ASCII characters to spaces, then PTB tokens joined by spaces (SentSim's input)."""
+    return " ".join(ptb_tokenize("".join(c if ord(c) < 128 else " " for c in caption)))
+
+
+SCORERS = dict(rar=_choices, eca=_choices, rvq=_choices, tvg=_tvg, epm=_tvg, tal=_tal, evs=_evs, vhd=_vhd,
+               dvc=_dvc, slc=_dvc, tem=partial(_tvg, metric="Rec"), gvq=partial(_choices, gvq=True))
+COLUMNS = {"RAR": ("rar", "Acc"), "EVC": ("eca", "Acc"), "RVQ": ("rvq", "Acc"), "TVG": ("tvg", "F1"),
+           "EPM": ("epm", "F1"), "TAL": ("tal", "F1"), "EVS": ("evs", "F1"), "VHD": ("vhd", "F1"),
+           "DVC F1": ("dvc", "F1"), "DVC Sim": ("dvc", "Sim"), "SLC F1": ("slc", "F1"), "SLC Sim": ("slc", "Sim"),
+           "TEM Rec": ("tem", "Rec"), "GVQ Rec": ("gvq", "Rec")}
+TABLE = {"Acc(ref)": ("RAR", "EVC", "RVQ"), "F1(gnd)": ("TVG", "EPM", "TAL", "EVS", "VHD"),
+         "F1(cap)": ("DVC F1", "SLC F1"), "Sim(cap)": ("DVC Sim", "SLC Sim"), "Rec(com)": ("TEM Rec", "GVQ Rec")}
+COUNTS = ("n", "failures", "no_sim")  # summed over sources; the metrics are averaged
+
+
+def etbench_scores(records, version="new", sentsim=None):
+    """E.T. Bench scores of answered records (dicts with task, source, video, tgt, o, p, g and the answer a).
+
+    Each metric is computed per (task, source), rounded to 5 decimals, averaged over sources (unweighted, rounded);
+    columns are 100 x task value rounded to 1 decimal, and the merged Table 1 columns the mean of their tasks
+    (None when one is missing: listed in "missing"). Counts per task: n, failures (parse failures) and no_sim
+    (answers whose letter needed the similarity fallback while no SentSim was given: scored as misses).
+    Sim is None without SentSim."""
+    groups = {}
+    for r in records:
+        if r["task"] not in SCORERS:
+            raise ValueError(f"record {r.get('idx')}: unknown E.T. Bench task {r['task']!r} (not in {list(SCORERS)})")
+        groups.setdefault(r["task"], {}).setdefault(r["source"], []).append(r)
+    tasks = {}
+    for task, sources in groups.items():
+        rows = []
+        for recs in sources.values():
+            metrics, fails = SCORERS[task](recs, version, sentsim)
+            rows.append(dict(metrics, n=len(recs), failures=fails))
+        tasks[task] = {k: sum(x[k] for x in rows) if k in COUNTS else _mean5([x[k] for x in rows]) for k in rows[0]}
+    value = {col: tasks.get(t, {}).get(m) for col, (t, m) in COLUMNS.items()}
+    return {"tasks": tasks, "table": {name: _pct([value[c] for c in cols]) for name, cols in TABLE.items()},
+            "columns": {c: _pct([v]) for c, v in value.items()}, "missing": [t for t in SCORERS if t not in tasks]}
+
+
+def _mean5(xs):
+    return None if None in xs else round(sum(round(x, 5) for x in xs) / len(xs), 5)
+
+
+def _pct(xs):
+    return None if None in xs else round(100 * sum(xs) / len(xs), 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Charades-STA and YouCook2 (D²VLM's conversion, then TimeChat's scorers)
+
+def charades_scores(preds, gts):
+    """R@1 at IoU 0.3/0.5/0.7 (percent, IoU >= t) and mIoU (a fraction) of answers against [s, e] ground truths.
+    Prediction: the first answer span, else the first evidence span (as written). "parsed" divides by the parsed
+    answers (D²VLM's script, Table 2), "all" by every record (an unparsable answer is a miss)."""
+    if len(preds) != len(gts):
+        raise ValueError(f"charades_scores: {len(preds)} answers for {len(gts)} ground truths")
+    ious = []
+    for a, (gs, ge) in zip(preds, gts):
+        parts = a.split("</evi>")
+        if spans := parse_tvg(parts[-1]) or parse_tvg(parts[0], answer=False):
+            s, e = spans[0]
+            hull = max(ge, e) - min(gs, s)  # = the union when the spans overlap
+            ious.append(max(min(ge, e) - max(gs, s), 0) / hull if hull else 0.0)
+    out = {"n": len(preds), "failures": len(preds) - len(ious)}
+    for name, num in (("parsed", len(ious)), ("all", len(preds))):
+        out[name] = {f"R@{t}": 100 * sum(x >= t for x in ious) / max(num, 1) for t in (0.3, 0.5, 0.7)}
+        out[name]["mIoU"] = sum(ious) / max(num, 1)
+    return out
+
+
+def youcook2_scores(preds, gts, seed=0):
+    """YouCook2 dense captioning: preds {video: answer}, gts {video: [([s, e], caption), ...]}. Per GT video:
+    F1 of the threshold-mean P and R (IoU > t, t in 0.3/0.5/0.7/0.9) and CIDEr-D per threshold over that video's
+    caption pairs; means over videos x 100. A video without a prediction scores 0. METEOR, SODA_c: None (Java)."""
+    f1, cider, fails = [], [], 0
+    rng = random.Random(seed)
+    for video, gt in gts.items():
+        events = _events(preds.get(video, ""))
+        fails += video in preds and not events
+        matched = [_match(events, gt, t, rng) for t in (0.3, 0.5, 0.7, 0.9)]
+        p, r = (sum(x[k] for x in matched) / 4 for k in (0, 1))
+        f1.append(_f1(p, r))
+        scores = [cider_d([(ptb_tokenize(h), ptb_tokenize(g)) for h, g in x[2]]) for x in matched] if events else []
+        cider.append(sum(sum(s) / len(s) for s in scores) / 4 if scores else 0.0)
+    mean = lambda xs: round(100 * sum(xs) / max(len(xs), 1), 1)
+    return {"F1": mean(f1), "CIDEr": mean(cider), "METEOR": None, "SODA_c": None, "n": len(gts), "failures": fails,
+            "missing": sum(v not in preds for v in gts)}
+
+
+def cider_d(pairs, n=4, sigma=6.0):
+    """CIDEr-D (coco-caption's Cider) of (hypothesis tokens, reference tokens) pairs, one reference per pair, the
+    document frequencies and log(#pairs) from these pairs' references -> one score per pair. Per n-gram order:
+    tf-idf vectors, the hypothesis clipped at the reference, cosine; a Gaussian penalty on the length difference
+    (lengths counted in bigrams); the mean over orders x 10. A single pair scores 0 (every idf is log 1 - log 1)."""
+    grams = lambda w: [Counter(tuple(w[i:i + k]) for i in range(len(w) - k + 1)) for k in range(1, n + 1)]
+    hyp, ref = [grams(h) for h, _ in pairs], [grams(r) for _, r in pairs]
+    df = Counter(g for r in ref for c in r for g in c)
+    log_n = math.log(len(pairs))
+    tfidf = lambda c: {g: tf * (log_n - math.log(max(1.0, df[g]))) for g, tf in c.items()}
+    out = []
+    for h, r in zip(hyp, ref):
+        val = 0.0
+        for ch, cr in zip(h, r):
+            vh, vr = tfidf(ch), tfidf(cr)
+            dot = sum(min(w, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, w in vh.items())
+            norms = math.sqrt(sum(w * w for w in vh.values())) * math.sqrt(sum(w * w for w in vr.values()))
+            val += dot / norms if norms else dot
+        delta = sum(h[1].values()) - sum(r[1].values())
+        out.append(10 * val / n * math.exp(-delta ** 2 / (2 * sigma ** 2)))
+    return out

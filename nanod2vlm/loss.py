@@ -47,17 +47,17 @@ def L_cons(f1, f2):
 
 
 def cons_pairs(b):
-    """Index pairs (stage-1 <evi> k, stage-2 <evi> k) of the same response, for Eq. (1)."""
-    key = b["evi_b"] * 4096 + b["evi_k"]
+    """Index pairs (stage-1 <evi> k, stage-2 <evi> k) of the same response, for Eq. (1) (none if a stage is empty)."""
     i1, i2 = (b["evi_stage"] == 1).nonzero()[:, 0], (b["evi_stage"] == 2).nonzero()[:, 0]
-    match = key[i2][:, None] == key[i1][None, :]
-    has = match.any(1)
-    return i1[match[has].float().argmax(1)], i2[has]
+    same = (b["evi_b"][i2, None] == b["evi_b"][None, i1]) & (b["evi_k"][i2, None] == b["evi_k"][None, i1])
+    r2, r1 = same.nonzero(as_tuple=True)
+    return i1[r1], i2[r2]
 
 
 def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=False):
     """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the first `rows` responses (default: all) ->
-    (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3)."""
+    (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3). Each term is pooled over the
+    batch's tokens / <evi> / pairs (the released code averages per sample, at batch 1: the same there)."""
     keep = torch.ones(len(b["evi_b"]), dtype=torch.bool, device=sim.device) if rows is None else b["evi_b"] < rows
     logits, labels = (logits, b["labels"]) if rows is None else (logits[:rows], b["labels"][:rows])
     sel = {k: b[k][keep] for k in ("evi_b", "evi_k", "evi_stage")}
@@ -91,8 +91,9 @@ def log_pi(logits, labels, sim, y, valid, evi_b):
     """log pi(R) per response -> (N,): summed (not averaged) log-probs of every response token plus log p_g of each
     of its <evi>, both stages."""
     tok = -F.cross_entropy(_f32(logits).transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (N, R)
+    log_p_text = tok.sum(1)  # Eq. (5)
     lp_g = log_p_g(sim, y, valid)
-    return tok.sum(1) + lp_g.new_zeros(len(labels)).index_add(0, evi_b, lp_g)  # Eq. (7) = Eq. (5) + sum of Eq. (6)
+    return log_p_text + lp_g.new_zeros(len(labels)).index_add(0, evi_b, lp_g)  # Eq. (7) = Eq. (5) + sum of Eq. (6)
 
 
 def fpo_loss(logp_chosen, logp_rejected, beta=0.1):

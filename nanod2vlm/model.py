@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 @dataclass
@@ -114,13 +115,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        B, L, C = x.shape
-        q, k, v = self.qkv_proj(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, L, hd)
+        q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, C))
+        return self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
 
 
 class MLP(nn.Module):
@@ -151,26 +152,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in peft
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        self.merged = False
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
-        if self.merged:
-            return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
-    @torch.no_grad()
-    def merge(self):
-        """Fold B A into W for fast inference (state_dict then holds the merged W)."""
-        if not self.merged:
-            self.weight += self.scale * (self.lora_B @ self.lora_A)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= self.scale * (self.lora_B @ self.lora_A)
-            self.merged = False
+    def merged(self):
+        """W + (alpha / r) B A: the plain weight this layer computes with (an export writes it)."""
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
 
 
 def add_lora(model, cfg):
@@ -227,11 +215,11 @@ class EVAAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, T, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = F.linear(x, self.qkv.weight, bias).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class EVABlock(nn.Module):
@@ -293,11 +281,10 @@ class BertAttention(nn.Module):
         self.output = _dense(W, W, ln=True)
 
     def forward(self, x, kv, mask=None):
-        a, B, hs = self.attention, len(x), x.size(-1) // self.n_head
-        q, k, v = (lin(t).view(B, -1, self.n_head, hs).transpose(1, 2)
-                   for lin, t in ((a.query, x), (a.key, kv), (a.value, kv)))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)  # (B, T, W)
-        return self.output.LayerNorm(x + self.output.dense(y))
+        a = self.attention
+        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_head)  # noqa: E731
+        y = F.scaled_dot_product_attention(heads(a.query(x)), heads(a.key(kv)), heads(a.value(kv)), attn_mask=mask)
+        return self.output.LayerNorm(x + self.output.dense(rearrange(y, "b h t d -> b t (h d)")))
 
 
 def _ffn(x, intermediate, output):
@@ -498,11 +485,13 @@ class Phi3(nn.Module):
             else:
                 nxt = logits.argmax().item()
             ids.append(nxt)
-            if nxt == end_id or i == max_new_tokens - 1:
+            if nxt == end_id:
                 break
             if nxt not in exempt:
                 seen.add(nxt)
-            e = embed(nxt, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]
+            e = embed(nxt, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]  # a last <evi> grounds too
+            if i == max_new_tokens - 1:
+                break
             # mask None: the new token sees every cached one
             out, hs = self(e, torch.tensor([[L + i]], device=dev), None, cache, keep)
         return ids
@@ -517,7 +506,8 @@ def head(H):
 
 
 def span_of(p, threshold=0.6):
-    """Inference rule (Appendix A): frames with p >= threshold * max(p) are salient; each contiguous run of
+    """Inference rule (released code; the paper's supplementary Tab. 3 compares thresholds 0.4-0.8): frames with
+    p >= threshold * max(p) are salient; each contiguous run of
     salient frames is a group, scored by its mean p; the best group is the event. Inclusive frame indices. On an
     exact tie of means the released code's span runs from the first tied group to the last."""
     on = (p >= threshold * p.max()).tolist() + [False]
@@ -583,7 +573,9 @@ class D2VLM(nn.Module):
         src = pool(F_V[b["src_b"]], b["src_span"])
         x = x.index_put((b["src_b"], b["src_pos"]), src.to(x.dtype), accumulate=True)
         # 1. The prompt pass. Its states do not depend on the response: the frame states of layer capture_layer
-        # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to.
+        # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to. (The released
+        # code runs a first pass over the prompt, then a full pass over prompt and response: the same values and, up
+        # to LoRA dropout drawn twice there, the same gradients, with the prompt computed twice.)
         valid = b["valid"]
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = build_mask(valid, b["ids"] == cfg.image_id)
@@ -617,7 +609,7 @@ class D2VLM(nn.Module):
                  repetition_penalty=1.0):
         """Decode one video. Each generated <evi> scores the frames, takes the best salient group as its interval,
         and gets the mean of that group's F~_V (prefill states of layer capture_layer) added to its input.
-        src: [s, e] (seconds, i.e. frames at 1 fps) for each question-side <evi> of the prompt. Returns the new ids
+        src: the inclusive frame span (data.frame_span) of each question-side <evi> of the prompt. Returns the new ids
         and one dict per <evi>: stage (1 or 2), frame span, seconds, sim over frames."""
         cfg, dev = self.cfg, frames.device
         T = frames.shape[0]
@@ -630,10 +622,11 @@ class D2VLM(nn.Module):
         E = self.llm.model.embed_tokens.weight  # (vocab, C)
         x, frm_pos = self.embed(ids, F_V.to(E.dtype))
         src_pos = ((ids[0] == cfg.evi_id) & (torch.arange(ids.shape[1], device=dev) > frm_pos[0, -1])).nonzero()[:, 0]
-        if len(src):  # released: seconds rounded to frames, clamped; (a reversed pair, which it pools to NaN, is flipped)
-            spans = torch.tensor([sorted(min(max(round(v), 0), T - 1) for v in iv) for iv in src], device=dev)
-            n = min(len(spans), len(src_pos))
-            x[0, src_pos[:n]] += pool(F_V.expand(n, -1, -1), spans[:n]).to(x.dtype)
+        if len(src) != len(src_pos):
+            raise ValueError(f"{len(src)} src intervals for {len(src_pos)} <evi> in the question")
+        if len(src):  # each gets the mean of F_V over its frames, as released
+            spans = torch.tensor(src, device=dev).view(-1, 2)
+            x[0, src_pos] += pool(F_V.expand(len(src), -1, -1), spans).to(x.dtype)
         evis, state = [], dict(stage=1)
 
         def embed(token, hs):

@@ -174,6 +174,10 @@ def test_generate_grounds_each_evi_and_feeds_the_teacher_forced_inputs(unit):
     with torch.no_grad():
         model(collate([tf], 0))
     torch.testing.assert_close(fed, torch.cat([seen[0][0], seen[1][0, :-1]]), atol=1e-5, rtol=1e-5)
+    model.llm.lm_head = Script([4, 4], head)  # an <evi> as the last allowed token still grounds
+    out, evis = model.generate(s["frames"], s["times"], s["q_ids"].tolist(), s["ids"].tolist(), max_new_tokens=2,
+                               src=[[2, 4]])
+    assert out == [4, 4] and len(evis) == 2
 
 
 def test_full_model_size_on_meta_device():

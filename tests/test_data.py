@@ -211,12 +211,14 @@ def test_frame_cache_memory_is_bounded_least_recently_used_first(tmp_path, monke
 
 
 def test_frame_span_rounds_like_the_released_code():
-    """Interval ends -> frames as released at 1 fps: Python round (half to even), clamped, a reversed pair flipped;
-    FPO's soft targets use the unrounded ends."""
+    """Interval ends -> frames as released: second x fps, Python round (half to even), clamped, a reversed pair
+    flipped; FPO's soft targets use the unrounded ends."""
     times = torch.arange(10.0)
     assert frame_span(times, [4.5, 6.5]) == (4, 6) and frame_span(times, [5.5, 7.4]) == (6, 7)
     assert frame_span(times, [7, 3]) == (3, 7) and frame_span(times, [8, 20]) == (8, 9)
-    assert frame_span(torch.arange(10.0) / 2, [1.25, 2.0]) == (2, 4)  # 2 fps: frames by their real times
+    assert frame_span(torch.arange(10.0) / 2, [1.25, 2.0], fps=2) == (2, 4)  # 2 fps: second s is frame 2 s
+    assert frame_span(torch.arange(10.0) * 1.001, [1.5, 5.5]) == (2, 6)  # 29.97 fps: seconds are frames, as released
+    assert frame_span(torch.arange(10.0) * 3, [7.4, 13.5]) == (2, 4)  # a thinned video: by the frames' real times
     y = frame_targets(times, [4.5, 6.5], alpha=2.0)
     assert y[3:8].tolist() == [0.5, 1.0, 1.0, 1.0, 0.5]
     y = frame_targets(times, [4.5, 6.5], alpha=2.0, exact=True)

@@ -12,7 +12,7 @@ import nanod2vlm.eval as ev
 import sample
 import train
 from conftest import TINY
-from nanod2vlm.scorers import charades_scores, etbench_scores
+from nanod2vlm.eval import charades_scores, etbench_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = [{"A": "a red square", "B": "a blue circle", "C": "a green cross", "D": "a yellow diamond"}[c] for c in "ABCD"]
@@ -118,8 +118,9 @@ def test_etbench_all_tasks_both_scorers(run, files, capsys, scripted, tmp_path):
         assert c["prompt"].endswith(f"<image>\n{r['q']}<|end|>\n<|assistant|>\n")
     by = {r["task"]: c for r, c in zip(ETBENCH, scripted)}
     tok = sample.load_model(str(run))[1]
-    assert by["rar"]["src"] == [[1, 4]] and by["eca"]["src"] == [[2.5, 6.5]] and by["rvq"]["src"] == [[3, 3]]
-    assert by["tem"]["src"] == [[0, 2], [3, 5]] and by["tem"]["ids"].count(tok.evi_id) == 2  # two question <evi>
+    # src reaches the model as frame spans: seconds at 1 fps rounded half to even (2.5 -> 2, 6.5 -> 6)
+    assert by["rar"]["src"] == [(1, 4)] and by["eca"]["src"] == [(2, 6)] and by["rvq"]["src"] == [(3, 3)]
+    assert by["tem"]["src"] == [(0, 2), (3, 5)] and by["tem"]["ids"].count(tok.evi_id) == 2  # two question <evi>
     assert by["tvg"]["src"] == []
     assert {t for t, c in by.items() if c["penalty"] == 1.2} == {"rar", "eca", "rvq"}
     assert {c["penalty"] for t, c in by.items() if t not in ("rar", "eca", "rvq")} == {1.0}
@@ -149,7 +150,7 @@ def test_sentsim_gives_sim_and_settles_letters(run, files, capsys, scripted, tmp
     that need the similarity fallback are scored with it."""
     import torch
     import transformers
-    from nanod2vlm.scorers import SentSim
+    from nanod2vlm.eval import SentSim
     from nanod2vlm.tokenizer import WordPiece
     d = tmp_path / "minilm"
     d.mkdir()

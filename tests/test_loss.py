@@ -157,6 +157,10 @@ def test_cons_pairs_match_kth_with_kth_of_the_same_response():
              evi_stage=torch.tensor([1, 1, 2, 2, 1, 2]))
     i1, i2 = cons_pairs(b)
     assert sorted(zip(i1.tolist(), i2.tolist())) == [(0, 3), (1, 2), (4, 5)]
+    for stages in ([2, 2], [1, 1], []):  # a batch without one of the stages has no pair (and no crash)
+        n = len(stages)
+        b = dict(evi_b=torch.zeros(n, dtype=torch.long), evi_k=torch.arange(n), evi_stage=torch.tensor(stages, dtype=torch.long))
+        assert [len(x) for x in cons_pairs(b)] == [0, 0]
 
 
 def test_fpo_step_raises_preference_margin():

@@ -8,8 +8,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from nanod2vlm.scorers import (SentSim, charades_scores, cider_d, etbench_scores, parse_dvc, parse_letter,
-                               parse_tvg, ptb_tokenize, youcook2_scores)
+from nanod2vlm.eval import (SentSim, charades_scores, cider_d, etbench_scores, parse_dvc, parse_letter,
+                            parse_tvg, ptb_tokenize, youcook2_scores)
 from nanod2vlm.tokenizer import WordPiece
 
 OPTIONS = ["a man runs", "a dog sits", "a cat sleeps", "a bird flies"]

@@ -14,7 +14,7 @@ import torch
 
 import synth
 import train
-from nanod2vlm.data import read_annotations
+from nanod2vlm.data import InputError, read_annotations
 from conftest import TINY
 
 TINY = TINY + ["--grad_accum=1", "--warmup=0"]
@@ -190,3 +190,13 @@ def test_compile_gives_the_eager_losses(tmp, sft):
     assert len(compiled) == len(sft) == 8
     for a, b in zip(compiled, sft):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (compiled, sft)
+
+
+def test_full_fpo_presets_need_an_init():
+    """--config=full --stage=fpo: the released FPO's gradient accumulation 8 and full-scale rates, from the SFT run
+    given by --init (the nano FPO default init, runs/nano, would be the wrong model)."""
+    t, _ = train.parse(["--config=full", "--stage=fpo", "--init=runs/full"])
+    assert (t.init, t.grad_accum, t.lr, t.batch_size, t.w_cons) == ("runs/full", 8, 2e-5, 1, 10.0)
+    with pytest.raises(InputError, match="--init"):  # train.main prints it as one line (data.cli)
+        train.parse(["--config=full", "--stage=fpo"])
+    assert train.parse(["--stage=fpo"])[0].init == "runs/nano"
