@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.data import FrameCache, InputError, VideoDataset, ablate, cli, collate, read_annotations, writable
+from nanod2vlm.data import FrameCache, InputError, _check_record, VideoDataset, ablate, cli, collate, read_annotations, writable
 from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
                                   save_checkpoint)
@@ -208,12 +208,20 @@ class PairDataset:
     and the rejected one (they share the prompt pass)."""
 
     def __init__(self, path, tok, q_tokenize, cache, **video):
-        pairs = json.load(open(path))
         side = lambda p, s: dict(video=p["video"], duration=p["duration"], task=p.get("task"), time_gt=p[s]["time_gt"],
                                  conversations=[dict(value=p["question"], **{"from": "human"}),
                                                 dict(value=p[s]["value"], **{"from": "gpt"})])
-        self.chosen, self.rejected = (VideoDataset(path, tok, q_tokenize, cache, records=[side(p, s) for p in pairs],
-                                                   exact=True, **video) for s in ("chosen", "rejected"))
+        try:
+            pairs = json.load(open(path, encoding="utf-8"))
+            sides = [[side(p, s) for p in pairs] for s in ("chosen", "rejected")]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: not a synth.py pairs file ({type(e).__name__}: {e}); write one with "
+                             "`python synth.py TRAIN.json PAIRS.json`") from None
+        if bad := [f"pair {i} {s}: {'; '.join(p)}" for s, recs in zip(("chosen", "rejected"), sides)
+                   for i, r in enumerate(recs) if (p := _check_record(r))]:
+            raise InputError(f"{path}: {len(bad)} malformed pair side(s): " + "; ".join(bad[:5]))
+        self.chosen, self.rejected = (VideoDataset(path, tok, q_tokenize, cache, records=recs, exact=True, **video)
+                                      for recs in sides)
 
     def __len__(self):
         return len(self.chosen)

@@ -320,11 +320,14 @@ def write_atomic(path, data):
     """Bytes, text or a dict of tensors (as safetensors) to path: written under a temporary name, then renamed."""
     tmp = f"{path}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-    if isinstance(data, dict):
-        save_file({k: v.detach().contiguous().cpu() for k, v in data.items()}, tmp, metadata={"format": "pt"})
-    else:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+    try:
+        if isinstance(data, dict):
+            save_file({k: v.detach().contiguous().cpu() for k, v in data.items()}, tmp, metadata={"format": "pt"})
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+    except Exception as e:  # a full disk, a file-size limit: say which file (safetensors raises its own error type)
+        raise OSError(f"{path}: cannot write ({e})") from None
     os.replace(tmp, path)
 
 

@@ -342,3 +342,18 @@ def test_a_kill_or_full_disk_while_checkpointing_then_resume_alone_gives_the_uni
     train.main(["--resume", f"--out={out}"])  # alone: the run's own settings, to its own last step
     assert history(out) == history(tmp / "run")  # exactly the uninterrupted losses
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp / "run"))  # the half-written folder is gone
+
+
+@pytest.mark.parametrize("case", ["not a pair", "a side without its <evi> intervals"])
+def test_a_bad_fpo_pairs_file_is_one_error(tmp, capsys, case):
+    good = dict(video="videos/train_0000.mp4", duration=10.0, question="<image>\nWhen?",
+                chosen=dict(value="<evi> </evi> At <evi>.", time_gt=dict(evidence_grounding=[[1, 2]],
+                                                                      interleaved_response=[[1, 2]])))
+    pairs = {"not a pair": [dict(video="videos/train_0000.mp4")],
+             "a side without its <evi> intervals": [dict(good, rejected=dict(value="<evi> </evi> At <evi>.",
+                                                                         time_gt={}))]}[case]
+    path = tmp / "world" / f"pairs-{len(case)}.json"
+    path.write_text(json.dumps(pairs))
+    msg = fails(capsys, train.main, f"--data={tmp}/world", "--stage=fpo", f"--init={tmp}/run", f"--train_json={path}",
+                f"--out={tmp}/fpo-bad", *TINY)
+    assert str(path) in msg and ("not a synth.py pairs file" in msg if case == "not a pair" else "pair 0 rejected" in msg)
