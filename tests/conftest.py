@@ -19,3 +19,15 @@ def tiny_world(tmp_path_factory):
     ensure_world(str(d / "world"), n_train=4, n_test=2, durations=(10, 14), progress=False)
     yield d
     torch.set_num_threads(threads)
+
+
+def force(model, tok, ids):
+    """Make the model say `ids` (then <|end|>) whatever it sees: only the logits are forced, so <evi> grounding still
+    runs on the real hidden states."""
+    ids, vocab = iter(ids), model.llm.lm_head.weight.shape[0]
+
+    def forced(x):
+        logits = torch.full((*x.shape[:-1], vocab), -1e4)
+        logits[..., next(ids, tok.end_id)] = 0
+        return logits
+    model.llm.lm_head.forward = forced

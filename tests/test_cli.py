@@ -22,7 +22,7 @@ import nanod2vlm.data as data
 import sample
 import synth
 import train
-from conftest import TINY
+from conftest import TINY, force
 from nanod2vlm.data import read_video
 
 ROOT = os.path.dirname(os.path.abspath(train.__file__))
@@ -203,20 +203,14 @@ def spy(monkeypatch, script=None):
 
     def load_spied(*args, **kw):
         model, tok, wp, state = load(*args, **kw)
-        generate, vocab = model.generate, model.llm.lm_head.weight.shape[0]
+        generate = model.generate
 
         def generate_spied(frames, times, q_ids, prompt_ids, *a, **k):
             prompts.append((tok, list(prompt_ids)))
             return generate(frames, times, q_ids, prompt_ids, *a, **k)
         model.generate = generate_spied
         if script:
-            ids = iter(script(tok))
-
-            def forced(x):  # only the logits: <evi> grounding still runs on the real hidden states
-                logits = torch.full((*x.shape[:-1], vocab), -1e4)
-                logits[..., next(ids, tok.end_id)] = 0
-                return logits
-            model.llm.lm_head.forward = forced
+            force(model, tok, script(tok))
         return model, tok, wp, state
     monkeypatch.setattr(sample, "load_model", load_spied)
     return prompts

@@ -9,7 +9,7 @@ import torch
 
 import sample
 import train
-from conftest import TINY
+from conftest import TINY, force
 
 TINY = TINY + ["--lr=1e-2"]
 Q = "When does the red square appear?"
@@ -54,13 +54,7 @@ def scripted(monkeypatch, script):
 
     def load_scripted(*args, **kw):
         model, tok, wp, state = load(*args, **kw)
-        ids, vocab = iter(script(tok)), model.llm.lm_head.weight.shape[0]
-
-        def forced(x):  # only the logits: <evi> grounding still runs on the real hidden states
-            logits = torch.full((*x.shape[:-1], vocab), -1e4)
-            logits[..., next(ids, tok.end_id)] = 0
-            return logits
-        model.llm.lm_head.forward = forced
+        force(model, tok, script(tok))
         return model, tok, wp, state
     monkeypatch.setattr(sample, "load_model", load_scripted)
 
