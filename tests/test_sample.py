@@ -5,7 +5,6 @@ import random
 import shutil
 
 import pytest
-import torch
 
 import sample
 import train
