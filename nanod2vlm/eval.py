@@ -194,7 +194,10 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     mine = out if world == 1 else f"{out}.rank{rank}"
     os.makedirs(os.path.dirname(os.path.abspath(mine)), exist_ok=True)
     with open(mine, "a") as f:
-        for r in tqdm(todo, desc=os.path.basename(path), dynamic_ncols=True, position=rank):
+        total, seen = Counter(r["task"] for r in todo), Counter()
+        for r in (bar := tqdm(todo, desc=os.path.basename(path), dynamic_ncols=True, position=rank)):
+            seen[r["task"]] += 1
+            bar.set_postfix_str(f"{r['task']} {seen[r['task']]}/{total[r['task']]}")  # progress within each task
             frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
             a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
                        1.2 if r["task"] in PENALIZED else 1.0)
