@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.data import FrameCache, InputError, _check_record, VideoDataset, ablate, cli, collate, read_annotations, writable
+from nanod2vlm.data import (FrameCache, InputError, VideoDataset, ablate, check_records, cli, collate, read_annotations,
+                            writable)
 from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
                                   save_checkpoint)
@@ -217,9 +218,8 @@ class PairDataset:
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path}: not a synth.py pairs file ({type(e).__name__}: {e}); write one with "
                              "`python synth.py TRAIN.json PAIRS.json`") from None
-        if bad := [f"pair {i} {s}: {'; '.join(p)}" for s, recs in zip(("chosen", "rejected"), sides)
-                   for i, r in enumerate(recs) if (p := _check_record(r))]:
-            raise InputError(f"{path}: {len(bad)} malformed pair side(s): " + "; ".join(bad[:5]))
+        sides = [check_records(path, [(f"pair {i} {s}", r) for i, r in enumerate(recs)])
+                 for s, recs in zip(("chosen", "rejected"), sides)]
         self.chosen, self.rejected = (VideoDataset(path, tok, q_tokenize, cache, records=recs, exact=True, **video)
                                       for recs in sides)
 

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanod2vlm.checkpoint import load_phi3
 from nanod2vlm.data import collate, read_video
-from nanod2vlm.loss import L_gnd, L_sft
+from nanod2vlm.loss import L_gnd, L_sft, evi_valid
 from nanod2vlm.model import CONFIGS, D2VLM, Block, Config, KVCache, add_lora, build_mask, cast_frozen, \
     head, mark_trainable, rope_cos_sin, span_of
 
@@ -222,7 +222,7 @@ def bench_gpu(args, dev="cuda"):
     def loss_model():
         with amp():
             logits, sim, _ = model(b)
-            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], b["frm_valid"][b["resp_b"][b["evi_b"]]])
+            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], evi_valid(b))
     step_model = step_fn(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), loss_model)
     flops = count_flops(step_model)
     if dev == "cuda":

@@ -183,6 +183,13 @@ def read_annotations(path, videos=None):
                 errors.append(f"{where}: not valid JSON: {e}")
     if not records and not errors:
         raise AnnotationError(f"{path}: no records (an empty file or list)")
+    return check_records(path, records, videos, errors)
+
+
+def check_records(path, records, videos=None, errors=()):
+    """(where, record) pairs of `path` -> the records, normalised and checked (with `videos`, a folder: each record's
+    video is there too); every malformed one (and the `errors` found before) reported in one AnnotationError."""
+    errors = list(errors)
     for where, r in records:
         if isinstance(r, dict):
             _normalize(r)

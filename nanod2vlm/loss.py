@@ -54,6 +54,11 @@ def cons_pairs(b):
     return i1[r1], i2[r2]
 
 
+def evi_valid(b):
+    """The real frames of each <evi>'s video (K, T)."""
+    return b["frm_valid"][b["resp_b"][b["evi_b"]]]
+
+
 def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=False):
     """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the first `rows` responses (default: all) ->
     (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3). Each term is pooled over the
@@ -61,7 +66,7 @@ def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=Fa
     keep = torch.ones(len(b["evi_b"]), dtype=torch.bool, device=sim.device) if rows is None else b["evi_b"] < rows
     logits, labels = (logits, b["labels"]) if rows is None else (logits[:rows], b["labels"][:rows])
     sel = {k: b[k][keep] for k in ("evi_b", "evi_k", "evi_stage")}
-    valid = b["frm_valid"][b["resp_b"][b["evi_b"]]][keep]
+    valid = evi_valid(b)[keep]
     l_sft = L_sft(logits, labels)
     if match:
         l_gnd = L_match(sim[keep], b["evi_span"][keep][:, 0], valid)
@@ -106,7 +111,7 @@ def fpo_step_loss(logits, sim, f_evi, b, beta=0.1, w_gnd=10.0, w_cons=10.0):
     """The released FPO objective: Eq. (2)'s SFT terms on the chosen responses (the first half of the batch) plus
     Eq. (4) over the whole chosen and rejected responses -> (loss, parts)."""
     n = len(b["labels"]) // 2
-    valid = b["frm_valid"][b["resp_b"][b["evi_b"]]]
+    valid = evi_valid(b)
     logp = log_pi(logits, b["labels"], sim, b["evi_y"], valid, b["evi_b"])
     pref = fpo_loss(logp[:n], logp[n:], beta)
     sft, parts = sft_loss(logits, sim, f_evi, b, w_gnd, w_cons, rows=n)

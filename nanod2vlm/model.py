@@ -403,11 +403,11 @@ class PromptCache:
     attends over them (and the prompt's gradients flow back through them). `rows` picks, for each response, the
     prompt it answers (FPO: a chosen and a rejected response share one prompt pass)."""
 
-    def __init__(self):
-        self.kv, self.n = {}, 0
+    def __init__(self, rows):
+        self.kv, self.rows, self.n = {}, rows, 0  # n: the positions cached, as Phi3.forward counts them
 
     def update(self, layer, k, v):
-        if layer not in self.kv:  # the prompt pass stores
+        if layer not in self.kv:  # the first pass (the prompt's) stores
             self.kv[layer] = (k, v)
             return k, v
         pk, pv = self.kv[layer]  # the response pass appends its own keys/values to the prompt's
@@ -464,7 +464,8 @@ class Phi3(nn.Module):
     def generate(self, x, max_new_tokens, end_id=None, frm=None, keep=(), embed=None, temperature=0.0, seed=0,
                  penalty=1.0, seen=(), exempt=()):
         """The one decode loop (text-only Phi-3 for synth.py --llm, and D2VLM): prefill the prompt's input embeddings
-        x (1, L, C) (frame positions frm (1, L) see each other both ways) into a KV cache, then one token at a time -> the new ids, up to and including end_id.
+        x (1, L, C) (frame positions frm (1, L) see each other both ways) into a KV cache, then one token at a time
+        -> the new ids, up to and including end_id.
         Greedy, or sampled at `temperature`. penalty: HF's repetition penalty (a logit < 0 is multiplied by it, else
         divided, once per id) on the ids in `seen` and on every generated id but those in `exempt`.
         embed(token, hs) -> the token's next input (1, 1, C), given the kept states `hs` of the forward that
@@ -579,13 +580,13 @@ class D2VLM(nn.Module):
         valid = b["valid"]
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = build_mask(valid, b["ids"] == cfg.image_id)
-        cache = PromptCache()
+        r = b["resp_b"]  # the prompt of each response
+        cache = PromptCache(rows=r)
         out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer))
         rows = torch.arange(len(frm_pos), device=x.device)[:, None]
         f_frm = self.frm_head(h_p[rows, frm_pos])  # (B, T, C)
         F_cap = cap_p[rows, frm_pos]  # F~_V (B, T, C)
         # 2. The response pass: each <evi> input gets the mean of F~_V over its interval (visual semantic capture)
-        r = b["resp_b"]  # the prompt of each response
         xr = self.llm.model.embed_tokens(b["resp"])
         if cfg.evi_capture:
             pooled = pool(F_cap[r[b["evi_b"]]], b["evi_span"])
@@ -593,7 +594,6 @@ class D2VLM(nn.Module):
         n_prompt = valid.sum(1)[r]  # (N,)
         R = xr.shape[1]
         pos_r = n_prompt[:, None] + torch.arange(R, device=x.device)
-        cache.rows = r
         mask_r = build_mask(torch.cat([valid[r], b["resp_valid"]], 1), n_query=R)
         out_r, (h_r,) = self.llm(xr, pos_r, mask_r, cache, keep=(cfg.evi_layer,))
         # the states that predict response token j: the prompt's last position for j = 0, response position j - 1
