@@ -20,7 +20,7 @@ from nanod2vlm.data import (FrameCache, InputError, VideoDataset, ablate, check_
                             writable)
 from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
-                                  save_checkpoint)
+                                  save_checkpoint, write_atomic)
 from nanod2vlm.model import CONFIGS, Config, cast_frozen, mark_trainable
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from nanod2vlm.eval import evaluate, predictions_path, print_metrics
@@ -34,7 +34,7 @@ class Train:
     world_train: int = 300         # synthetic world size (videos) when it is rendered
     world_test: int = 60
     train_json: str = ""           # default: {data}/train.json (sft) or {data}/fpo_pairs.json (fpo)
-    eval_json: str = ""            # default: {data}/test.json; "none" skips the final evaluation
+    eval_json: str = ""            # comma-separated files to evaluate at the end; default {data}/test.json; "none": none
     out: str = "runs/nano"
     init: str = ""                 # start from this checkpoint: a run of ours (fpo: the SFT run) or an official merged
                                    # folder (full: E.T. Chat stage-2, as the released SFT starts)
@@ -58,7 +58,7 @@ class Train:
     max_words: int = 0             # SFT records whose first answer has more words (split on " ") are dropped; 0: none
     beta: float = 0.1              # FPO (released; Eq. (4) as printed: 1)
     ckpt_every: int = 200
-    vit_cache: bool = False        # cache the frozen ViT's features per video in {data}/cache (full scale: a must)
+    vit_cache: bool = True         # the frozen ViT encodes each video once, its features cached in {data}/cache
     compile: bool = False
     seed: int = 0
 
@@ -287,6 +287,14 @@ def main(argv):
             if ddp:
                 dist.barrier()
         ds = PairDataset(train_json, tok, wp.encode, cache, **video)
+    # the learning picture: one held-out question's first <evi>, its similarity to every frame (teacher-forced) at a
+    # few steps; kept in the checkpoints' state, so that a resumed run draws the whole picture
+    held_out = os.path.join(t.data, "test.json")
+    probe = None
+    if t.config == "nano" and os.path.exists(held_out):
+        probe = VideoDataset(held_out, tok, wp.encode, cache, records=[ablate(read_annotations(held_out)[0], cfg)],
+                             **video)[0]
+    probe_at = {0, t.steps // 16, t.steps // 8, t.steps // 4, t.steps // 2, t.steps}
     model.to(dev)
     if dev != "cpu":  # Phi-3's frozen weights in bf16 (the ViT keeps fp32); everything runs under bf16 autocast there
         cast_frozen(model.llm, torch.bfloat16)
@@ -297,9 +305,9 @@ def main(argv):
     opt = torch.optim.AdamW(groups, betas=(0.9, t.beta2), weight_decay=t.weight_decay, fused=dev != "cpu")
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
-    step, history = 0, []
+    step, history, probes = 0, [], []
     if t.resume:
-        step, history = state["step"], state["history"]
+        step, history, probes = state["step"], state["history"], state.get("probes", [])
         load_optimizer(opt, os.path.join(init, "optim.safetensors"))
         say(f"resumed {init} at step {step}")
     fwd = torch.compile(model, dynamic=True) if t.compile else model
@@ -312,6 +320,8 @@ def main(argv):
     model.train()
     bar = tqdm(total=t.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0, ntok = time.time(), 0
+    if probe and step == 0:
+        probes.append((0, probe_sim(model, probe, tok.pad_id, dev)))
     while step < t.steps:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, t)
@@ -343,39 +353,65 @@ def main(argv):
         opt.zero_grad(set_to_none=True)
         step += 1
         history.append(dict(step=step, **logs))
+        if probe and step in probe_at:
+            probes.append((step, probe_sim(model, probe, tok.pad_id, dev)))
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{ntok / (time.time() - t0):.0f}")
         if rank == 0 and (step % t.ckpt_every == 0 or step == t.steps):
-            save_checkpoint(t.out, model, opt, tok, wp, dict(step=step, train=asdict(t), base=state["base"], history=history))
+            save_checkpoint(t.out, model, opt, tok, wp, dict(step=step, train=asdict(t), base=state["base"],
+                                                             history=history, probes=probes))
     bar.close()
     if ddp:
         dist.barrier()
     if rank == 0:
-        plot_losses(history, os.path.join(t.out, "loss.png"))
-        say(f"checkpoint: {latest(t.out)} | loss curve: {t.out}/loss.png")
-        eval_json = t.eval_json or os.path.join(t.data, "test.json")
-        if eval_json != "none":
+        plot_learning(history, probes, probe, os.path.join(t.out, "learning.png"))
+        say(f"checkpoint: {latest(t.out)} | losses and the learning picture: {t.out}/learning.png")
+        # the final evaluation: every file of --eval_json, metrics.json keyed by each file's name ("test", "val")
+        metrics = {}
+        for path in (t.eval_json or os.path.join(t.data, "test.json")).split(","):
+            if path == "none":
+                break
+            name = os.path.splitext(os.path.basename(path))[0]
             with amp(dev):
-                metrics = evaluate(model.eval(), tok, wp, eval_json, cache, predictions_path(t.out, eval_json))
-            print_metrics(metrics)
-            with open(os.path.join(t.out, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=1)
+                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(t.out, path))
+            print(f"== {path}")
+            print_metrics(metrics[name])
+        if metrics:
+            write_atomic(os.path.join(t.out, "metrics.json"), json.dumps(metrics, indent=1))
     if ddp:
         dist.destroy_process_group()
 
 
-def plot_losses(history, path):
+def probe_sim(model, sample, pad_id, dev):
+    """sigmoid(sim) of the sample's first <evi> over its frames, teacher-forced, without dropout."""
+    model.eval()
+    with torch.no_grad(), amp(dev):
+        sim = model(to(collate([sample], pad_id), dev))[1]
+    model.train()
+    return torch.sigmoid(sim[0].float()).tolist()
+
+
+def plot_learning(history, probes, probe, path):
+    """The training losses, and beside them the learning picture: the probe's <evi> similarities at several steps
+    against its ground-truth interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k in history[0] if k != "step"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4), width_ratios=(1, 1.3))
+    for k in [k for k in history[0] if k != "step"]:
         ax.plot([h["step"] for h in history], [h[k] for h in history], label=k, lw=1)
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training losses")
     ax.legend()
+    if probe:
+        for i, (step, p) in enumerate(probes):
+            bx.plot(probe["times"], p, color=plt.cm.viridis(i / max(1, len(probes) - 1)), lw=1.2, label=f"step {step}")
+        bx.axvspan(*probe["meta"]["time_gt"]["evidence_grounding"][0], color="tab:green", alpha=0.2, label="ground truth")
+        question = probe["meta"]["conversations"][0]["value"].replace("<image>\n", "")
+        bx.set(xlabel="seconds", ylabel="sigmoid(sim) of the first <evi>", ylim=(0, 1.05),
+               title=f"held-out {probe['meta']['video']}: {question}")
+        bx.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

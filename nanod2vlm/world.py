@@ -7,27 +7,32 @@ visible during one interval; at most one object "flashes" (its fill turns near-w
 one (never a circle) "spins". All event boundaries are multiples of 0.5 s. Questions follow the paper's four
 task families (Appendix B, Fig. 1): single, multi, dense and qa, with a fixed answer grammar.
 
-Split (compositional): 5 of the 25 colour-shape pairs are held out, colour i with shape (i + 2) % 5, so
-every colour and every shape is still seen in training. Train videos never contain a held-out pair; every
-test video contains one, and its single and qa questions are about a held-out object. Training single-event
-questions name each object by its shape, its colour or both; test ones by the held-out pair.
+Splits (compositional): 10 of the 25 colour-shape pairs are held out of training, colour i with shape (i + 2) % 5
+for the test split and with shape (i + 4) % 5 for the validation split (recipes are chosen on val, reported on
+test), so every colour and every shape is still seen in training. Train videos contain no held-out pair; every
+test (val) video contains one of its split's pairs and none of the other's, and its single and qa questions are
+about such an object. Training single-event questions name each object by its shape, its colour or both; test
+and val ones by the held-out pair.
 
-render_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json (App. B records plus
+render_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json, val.json (App. B records plus
 "task"), events.json (video -> list of {"kind", "colour", "shape", "slot", "interval"}) and world.json.
 """
 import json
+import multiprocessing
 import os
 
 import av
 import numpy as np
 from tqdm import tqdm
 
-VERSION = 2
+VERSION = 3
 FPS, SIZE, R = 8, 64, 8  # frame rate, canvas size, object radius (objects are ~16 px)
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235),
            "yellow": (230, 210, 40), "purple": (170, 60, 210)}
 SHAPES = ["square", "circle", "triangle", "cross", "diamond"]
-HELD_OUT = {(c, SHAPES[(i + 2) % 5]) for i, c in enumerate(COLOURS)}
+# 10 of the 25 colour-shape pairs never occur in training: colour i with shape i + 2 (test) or i + 4 (val), mod 5
+HELD_OUT = {split: {(c, SHAPES[(i + k) % 5]) for i, c in enumerate(COLOURS)} for split, k in (("test", 2), ("val", 4))}
+SPLITS = ("train", "test", "val")
 WHITE = (245, 245, 245)
 SLOTS = [(16, 16), (48, 16), (16, 48), (48, 48)]  # quadrant centres (x, y)
 TEMPLATES = {
@@ -47,10 +52,10 @@ def render_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), pr
                          "(every object is visible for at least 4 s)")
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     events, jobs = {}, []
-    for split, n in (("train", n_train), ("test", n_test)):
+    for split, n in zip(SPLITS, (n_train, n_test, n_test)):  # the validation split is as large as the test split
         records = []
         for i in range(n):
-            rng = np.random.default_rng([seed, split == "test", i])  # per video: order-independent
+            rng = np.random.default_rng([seed, SPLITS.index(split), i])  # per video: order-independent
             video = f"videos/{split}_{i:04d}.mp4"
             D, objs = sample_video(rng, split, durations)
             events[video] = [dict(kind=k, colour=o["colour"], shape=o["shape"], slot=o["slot"], interval=iv)
@@ -59,8 +64,10 @@ def render_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), pr
             records += make_records(rng, video, D, objs, split)
             jobs.append((os.path.join(out_dir, video), D, objs, int(rng.integers(2**31))))
         _dump(records, out_dir, f"{split}.json")
-    for job in tqdm(jobs, desc="rendering world", disable=not progress):
-        render_video(*job)
+    with multiprocessing.Pool(os.cpu_count()) as pool:  # each video is encoded on one thread: one per core
+        for _ in tqdm(pool.imap_unordered(render_video, jobs), total=len(jobs), desc="rendering world",
+                      disable=not progress):
+            pass
     _dump(events, out_dir, "events.json")
     _dump(_settings(n_train, n_test, seed, durations), out_dir, "world.json")  # last: marks a complete render
     return _paths(out_dir)
@@ -81,7 +88,7 @@ def _settings(n_train, n_test, seed, durations):
 
 
 def _paths(out_dir):
-    return {k: os.path.join(out_dir, f"{k}.json") for k in ("train", "test", "events", "world")}
+    return {k: os.path.join(out_dir, f"{k}.json") for k in SPLITS + ("events", "world")}
 
 
 def _dump(obj, out_dir, name):
@@ -103,9 +110,10 @@ def sample_video(rng, split, durations):
     """Duration and objects of one video, each object with its visible interval, flashes and spins."""
     D = int(rng.integers(2 * durations[0], 2 * durations[1] + 1)) / 2
     n = int(rng.integers(1, 5))
-    while True:  # distinct colours and shapes; a held-out pair iff test
+    others = set().union(*(pairs for s, pairs in HELD_OUT.items() if s != split))
+    while True:  # distinct colours and shapes; none held out for another split, one of its own (test, val)
         pairs = list(zip(rng.permutation(list(COLOURS))[:n].tolist(), rng.permutation(SHAPES)[:n].tolist()))
-        if any(p in HELD_OUT for p in pairs) == (split == "test"):
+        if not others & set(pairs) and (split == "train" or HELD_OUT[split] & set(pairs)):
             break
     objs = []
     for (colour, shape), slot in zip(pairs, rng.permutation(4)[:n].tolist()):
@@ -115,8 +123,8 @@ def sample_video(rng, split, durations):
         xy1 = xy0 + rng.uniform(-2, 2, 2)  # slow drift over the whole video, stays inside the slot
         objs.append(dict(colour=colour, shape=shape, slot=slot, interval=[s, s + L], flashes=[], spins=[],
                          xy=[xy0.tolist(), xy1.tolist()]))
-    # test: only held-out objects flash or spin, so the qa question is about one of them
-    cands = [o for o in objs if split == "train" or (o["colour"], o["shape"]) in HELD_OUT]
+    # test, val: only held-out objects flash or spin, so the qa question is about one of them
+    cands = [o for o in objs if split == "train" or (o["colour"], o["shape"]) in HELD_OUT[split]]
     if cands and rng.random() < 0.8:
         o = cands[rng.integers(len(cands))]
         s, e = o["interval"]
@@ -149,9 +157,9 @@ def make_records(rng, video, D, objs, split):
                                   {"from": "gpt", "value": "<evi> " * len(intervals) + "</evi> " + answer}]}
 
     # train: every object, named by its shape, its colour or both, so each attribute alone learns to ground;
-    # test: one held-out object, by its never-seen colour-shape pair
-    held = [(o, name(o)) for o in objs if (o["colour"], o["shape"]) in HELD_OUT]
-    singles = [pick(held)] if split == "test" else [(o, pick([o["shape"], f"{o['colour']} shape", name(o)]))
+    # test, val: one held-out object, by its never-seen colour-shape pair
+    held = [(o, name(o)) for o in objs if (o["colour"], o["shape"]) in HELD_OUT.get(split, ())]
+    singles = [pick(held)] if held else [(o, pick([o["shape"], f"{o['colour']} shape", name(o)]))
                                                      for o in objs]
     out = [record("single", pick(TEMPLATES["single"]).format(o=ref), f"The {ref} appears in <evi>.", [o["interval"]])
            for o, ref in singles]
@@ -192,8 +200,9 @@ def shape_mask(shape, u, v):
     return au / 0.65 + av_ <= R  # diamond: taller than wide, so a rotated square never looks like one
 
 
-def render_video(path, D, objs, seed):
+def render_video(job):
     """Draw every frame with numpy and encode it as an H.264 mp4 (near-lossless CRF keeps the colours)."""
+    path, D, objs, seed = job
     rng = np.random.default_rng(seed)
     bg = np.repeat(30 + rng.integers(-4, 5, (SIZE, SIZE, 1)), 3, axis=2).astype(np.uint8)  # fixed faint noise
     y, x = np.mgrid[:SIZE, :SIZE] + 0.5

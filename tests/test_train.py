@@ -168,16 +168,15 @@ def test_fpo_kill_and_resume_reproduces_the_uninterrupted_run(tmp, sft):
 
 
 def test_vit_cache_trains_on_cached_features_with_the_same_losses(tmp, sft):
-    """--vit_cache: the frozen tower encodes each video once, into {data}/cache keyed by a hash of its weights; the
-    run sees the same features, so its losses are the reference run's (up to float summation order)."""
+    """--vit_cache (the default): the frozen tower encoded each video once, into {data}/cache keyed by a hash of its
+    weights; a run that encodes the frames in every step instead has the same losses (up to float summation order)."""
     cache = tmp / "world" / "cache"
-    before = set(os.listdir(cache)) if cache.exists() else set()
-    cached = run(tmp, "vit-cache", *SFT, "--vit_cache")
-    for a, b in zip(cached, sft):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (cached, sft)
-    new = [f for f in set(os.listdir(cache)) - before if "_vit" in f]
+    uncached = run(tmp, "no-vit-cache", *SFT, "--vit_cache=false")
+    for a, b in zip(uncached, sft):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (uncached, sft)
+    new = [f for f in os.listdir(cache) if "_vit" in f]
     n_videos = len({r["video"] for r in read_annotations(tmp / "world" / "train.json")})
-    assert len(new) == n_videos
+    assert len(new) == n_videos + 1  # and the learning picture's held-out video
     from safetensors.torch import load_file
     x = load_file(cache / new[0])["x"]
     assert x.dim() == 3 and x.shape[1:] == (4, 16)  # (T, patches of a 16² frame in 8² patches, vit_width)
@@ -200,3 +199,15 @@ def test_full_fpo_presets_need_an_init():
     with pytest.raises(InputError, match="--init"):  # train.main prints it as one line (data.cli)
         train.parse(["--config=full", "--stage=fpo"])
     assert train.parse(["--stage=fpo"])[0].init == "runs/nano"
+
+
+def test_the_learning_picture(tmp, sft):
+    """A run draws learning.png: the losses, and one held-out question's first-<evi> similarity to every frame at
+    steps 0, 1/16, 1/8, 1/4, 1/2 and the end, kept in the checkpoints' state so that a resumed run draws them all."""
+    import matplotlib.pyplot as plt
+    probes = read_state(os.path.join(tmp / "sft", open(tmp / "sft" / "latest").read()))["probes"]
+    assert [step for step, _ in probes] == [0, 1, 2, 4, 8]  # of 8 steps
+    curves = [p for _, p in probes]
+    assert len({len(p) for p in curves}) == 1 and len(curves[0]) >= 10  # every frame of the held-out video
+    assert all(0 < x < 1 for p in curves for x in p) and curves[0] != curves[-1]  # training moved the curve
+    assert plt.imread(tmp / "sft" / "learning.png").shape[:2] == (440, 1430)  # 13 x 4 inches at 110 dpi

@@ -16,7 +16,7 @@ def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("world"))
     render_world(out, seed=0, **KW)
     load = lambda name: json.load(open(os.path.join(out, name)))
-    return out, load("train.json"), load("test.json"), load("events.json")
+    return out, load("train.json"), load("test.json") + load("val.json"), load("events.json")
 
 
 def decode(path):
@@ -57,18 +57,23 @@ def test_decoded_frames_match_events(world, fps):
 
 
 def test_split_rule(world):
-    out, train, test, events = world
+    """Train holds no held-out pair; a test (val) video holds one of its split's pairs and none of the other's, and
+    its single and qa questions are about such an object."""
+    out, train, held, events = world
     pairs = lambda video: {(e["colour"], e["shape"]) for e in events[video]}
-    assert all(not pairs(r["video"]) & HELD_OUT for r in train)
-    assert all(pairs(r["video"]) & HELD_OUT for r in test)
-    for r in test:
+    assert not HELD_OUT["test"] & HELD_OUT["val"] and len(HELD_OUT["test"] | HELD_OUT["val"]) == 10
+    assert all(not pairs(r["video"]) & (HELD_OUT["test"] | HELD_OUT["val"]) for r in train)
+    assert {r["video"].split("/")[1][:3] for r in held} == {"tes", "val"}
+    for r in held:
+        own, other = (HELD_OUT[s] for s in (("test", "val") if "/test_" in r["video"] else ("val", "test")))
+        assert pairs(r["video"]) & own and not pairs(r["video"]) & other
         q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
         if r["task"] == "single":
-            assert any(f"the {c} {s} " in q for c, s in HELD_OUT), q
+            assert any(f"the {c} {s} " in q for c, s in own), q
         if r["task"] == "qa":  # the object that flashes/spins is held out, the answer names it
             kind = "flash" if "flashes" in q else "spin"
             ev = next(e for e in events[r["video"]] if e["kind"] == kind)
-            assert (ev["colour"], ev["shape"]) in HELD_OUT
+            assert (ev["colour"], ev["shape"]) in own
             assert f"It is {ev['colour']}." in a or f"It is the {ev['shape']}." in a, (q, a)
             assert r["time_gt"]["evidence_grounding"] == [ev["interval"]]
 
@@ -100,7 +105,7 @@ def test_deterministic_and_ensure(world, tmp_path):
     render_world(other, seed=1, **KW)
     text = lambda d, f: open(os.path.join(d, f)).read()
     pixels = lambda d: np.stack([img for time, img in decode(os.path.join(d, "videos/train_0000.mp4"))[:40]])
-    for f in ("train.json", "test.json", "events.json"):
+    for f in ("train.json", "test.json", "val.json", "events.json"):
         assert text(same, f) == text(out, f) and text(other, f) != text(out, f)
     assert np.array_equal(pixels(same), pixels(out)) and not np.array_equal(pixels(other), pixels(out))
     marker = os.path.join(same, "world.json")
