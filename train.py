@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -235,13 +236,14 @@ class PairDataset:
 @cli
 def main(argv):
     t, cfg = parse(argv)
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # torchrun sets RANK and WORLD_SIZE: one process per device, each with its share of every batch
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    ddp = world > 1
+    if ddp and dev != "cpu":
+        torch.cuda.set_device(dev)
     if ddp:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    dev = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        dist.init_process_group("gloo" if dev == "cpu" else "nccl")
     torch.manual_seed(t.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
 
@@ -280,12 +282,12 @@ def main(argv):
                 f"{t.max_duration}] s or more than {t.max_words} words in the first answer")
         ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)
     else:
-        if not os.path.exists(train_json):
-            import synth
-            if rank == 0:
-                synth.main([os.path.join(t.data, "train.json"), train_json, f"--seed={t.seed}"])
-            if ddp:
-                dist.barrier()
+        if not os.path.exists(train_json) and rank == 0:  # synth.py writes the preference pairs (Sec. 5)
+            synth = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py"), f"--seed={t.seed}"]
+            if subprocess.run(synth + [os.path.join(t.data, "train.json"), train_json]).returncode:
+                raise InputError(f"synth.py could not write {train_json} (its error is above)")
+        if ddp:
+            dist.barrier()
         ds = PairDataset(train_json, tok, wp.encode, cache, **video)
     # the learning picture: one held-out question's first <evi>, its similarity to every frame (teacher-forced) at a
     # few steps; kept in the checkpoints' state, so that a resumed run draws the whole picture
@@ -298,13 +300,13 @@ def main(argv):
     model.to(dev)
     if dev != "cpu":  # Phi-3's frozen weights in bf16 (the ViT keeps fp32); everything runs under bf16 autocast there
         cast_frozen(model.llm, torch.bfloat16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    groups = [dict(params=rest, lr=t.lr)] + ([dict(params=lora, lr=t.lora_lr)] if lora else [])
-    opt = torch.optim.AdamW(groups, betas=(0.9, t.beta2), weight_decay=t.weight_decay, fused=dev != "cpu")
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
+    # AdamW over what trains: LoRA at its own learning rate, everything else at --lr; base_lr: the schedule's peak
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trained]
+    groups = [dict(params=[p for n, p in trained if ("lora_" in n) == lora], lr=lr, base_lr=lr)
+              for lora, lr in ((False, t.lr), (True, t.lora_lr))]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, t.beta2), weight_decay=t.weight_decay,
+                            fused=dev != "cpu")
     step, history, probes = 0, [], []
     if t.resume:
         step, history, probes = state["step"], state["history"], state.get("probes", [])
