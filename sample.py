@@ -27,11 +27,10 @@ def plot(path, result, frames, times, gt=None):
     evis = result["evis"]
     fig = Figure(figsize=(10, 1.4 + 1.6 * len(evis)))
     axes = fig.subplots(1 + len(evis), 1, squeeze=False, gridspec_kw=dict(height_ratios=[1.2] + [1] * len(evis)))[:, 0]
-    strip = torch.cat(list(frames[::max(1, len(frames) // 16)]), dim=2)  # about 16 thumbnails side by side
-    axes[0].imshow(strip.permute(1, 2, 0).numpy())
+    # the top panel: about 16 thumbnails side by side, under the answer (an untrained one may hold control bytes)
+    axes[0].imshow(torch.cat(list(frames[::max(1, len(frames) // 16)]), dim=2).permute(1, 2, 0).numpy())
     axes[0].set_axis_off()
-    title = "".join(c for c in result["text"] if c.isprintable())  # an untrained model may emit control bytes
-    axes[0].set_title(title[:160], fontsize=8)
+    axes[0].set_title("".join(c for c in result["text"] if c.isprintable())[:160], fontsize=8)
     for i, (ax, e) in enumerate(zip(axes[1:], evis)):
         p = torch.sigmoid(torch.tensor(e["sim"]))
         ax.plot(times, p, lw=1.2, label="sigmoid(sim)")
@@ -53,13 +52,15 @@ def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("video", nargs="?")
     ap.add_argument("question", nargs="?")
-    ap.add_argument("--ckpt", default="runs/nano", help="run, step, official merged or adapter folder; --eval: A,B,...")
+    ap.add_argument("--ckpt", default="runs/nano", help="a run folder or step folder, an official merged or adapter "
+                    "folder; with --eval, a comma-separated list")
     ap.add_argument("--bert_vocab", default="", help="bert-base-uncased's vocab.txt (an official --ckpt)")
     ap.add_argument("--base", default="", help="the merged folder an official adapter --ckpt sits on")
     ap.add_argument("--export", metavar="DIR", help="write --ckpt to DIR in the official merged layout")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--max-new-tokens", type=int, default=2048, help="the model stops at <|end|> before")
-    ap.add_argument("--released", action="store_true", help="decode as released: temperature 0.2 (seeded), 2048 tokens")
+    ap.add_argument("--released", dest="temperature", action="store_const", const=0.2,
+                    help="decode as released: --temperature 0.2 (seeded here), with the default 2048 new tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--plot", help="write the grounding picture to this PNG")
     ap.add_argument("--gt", help="ground-truth spans for the plot, e.g. '6.3-12.1,21-24.4'")
@@ -70,8 +71,6 @@ def main(argv):
     ap.add_argument("--out", metavar="PRED.jsonl", help="with --eval: the predictions (default: in the checkpoint)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
-    if a.released:
-        a.temperature, a.max_new_tokens = 0.2, 2048
     if not a.temperature >= 0:  # nor NaN; as every check here, before the long work
         ap.error(f"--temperature {a.temperature}: give a number >= 0 (0: greedy)")
     if a.max_new_tokens < 4:

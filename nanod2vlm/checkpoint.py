@@ -25,7 +25,7 @@ from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and what is wrong."""
 
 
 def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
@@ -318,11 +318,9 @@ def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora
     path: a .safetensors file, or an HF directory with model.safetensors or a sharded
     model.safetensors.index.json. rename(key) -> module key, or None to skip the tensor (for official
     E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    files = [os.path.join(path, "model.safetensors") if os.path.isdir(path) else path]
+    if os.path.isfile(index := os.path.join(path, "model.safetensors.index.json")):  # sharded
         files = [os.path.join(path, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
-    else:
-        files = [os.path.join(path, "model.safetensors") if os.path.isdir(path) else path]
     if not os.path.exists(files[0]):
         raise CheckpointError(f"{files[0]}: no such checkpoint (expected a .safetensors file or an HF directory "
                               "with model.safetensors or model.safetensors.index.json)")
