@@ -288,7 +288,8 @@ def load_optimizer(opt, path):
     state = {f"{i}.{k}": torch.zeros(()) if k == "step" else torch.zeros_like(p) for i, p in enumerate(params)
              for k in ("step", "exp_avg", "exp_avg_sq")}
     sd = opt.state_dict()
-    for key in _load_tensors(state, [path], missing_ok=("",)):  # a parameter that has had no gradient has no state
+    # any key may be absent ("" is in every name): a parameter that has had no gradient yet has no state
+    for key in _load_tensors(state, [path], missing_ok=("",)):
         i, name = key.split(".")
         sd["state"].setdefault(int(i), {})[name] = state[key]
     opt.load_state_dict(sd)
