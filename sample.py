@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from nanod2vlm.checkpoint import export, load_model
+from nanod2vlm.checkpoint import export, load_model, write_atomic
 from nanod2vlm.data import FrameCache, cli, read_video, writable
 from nanod2vlm.eval import SentSim, answer, evaluate, predictions_path, print_metrics
 
@@ -23,19 +23,15 @@ from nanod2vlm.eval import SentSim, answer, evaluate, predictions_path, print_me
 def plot(path, result, frames, times, gt=None):
     """Per <evi>: sigmoid(sim) over time, the 0.6 × max threshold, the chosen span (and the ground truth), under a
     strip of frame thumbnails."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no window and no global figure, whatever the backend
     evis = result["evis"]
-    fig, axes = plt.subplots(1 + len(evis), 1, figsize=(10, 1.4 + 1.6 * len(evis)), squeeze=False,
-                             gridspec_kw=dict(height_ratios=[1.2] + [1] * len(evis)))
-    step = max(1, len(frames) // 16)
-    strip = torch.cat([frames[i] for i in range(0, len(frames), step)], dim=2).permute(1, 2, 0).numpy()
-    axes[0, 0].imshow(strip)
-    axes[0, 0].set_axis_off()
-    title = "".join(c for c in result["text"] if c.isprintable())  # an untrained model may emit control bytes
-    axes[0, 0].set_title(title[:160], fontsize=8)
-    for i, (ax, e) in enumerate(zip(axes[1:, 0], evis)):
+    fig = Figure(figsize=(10, 1.4 + 1.6 * len(evis)))
+    axes = fig.subplots(1 + len(evis), 1, squeeze=False, gridspec_kw=dict(height_ratios=[1.2] + [1] * len(evis)))[:, 0]
+    # the top panel: about 16 thumbnails side by side, under the answer (an untrained one may hold control bytes)
+    axes[0].imshow(torch.cat(list(frames[::max(1, len(frames) // 16)]), dim=2).permute(1, 2, 0).numpy())
+    axes[0].set_axis_off()
+    axes[0].set_title("".join(c for c in result["text"] if c.isprintable())[:160], fontsize=8)
+    for i, (ax, e) in enumerate(zip(axes[1:], evis)):
         p = torch.sigmoid(torch.tensor(e["sim"]))
         ax.plot(times, p, lw=1.2, label="sigmoid(sim)")
         ax.axhline(0.6 * p.max().item(), ls="--", c="gray", lw=0.8, label="0.6 × max")
@@ -45,11 +41,10 @@ def plot(path, result, frames, times, gt=None):
             ax.axvspan(*gt[k], fill=False, hatch="//", ec="tab:green", label="ground truth")
         ax.set(ylim=(0, 1.05), xlim=(float(times[0]), float(times[-1])), ylabel=f"<evi> stage {e['stage']}")
         ax.legend(fontsize=6, loc="upper right")
-    axes[-1, 0].set_xlabel("seconds")
+    axes[-1].set_xlabel("seconds")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @cli
@@ -64,8 +59,8 @@ def main(argv):
     ap.add_argument("--export", metavar="DIR", help="write --ckpt to DIR in the official merged layout")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--max-new-tokens", type=int, default=2048, help="the model stops at <|end|> before")
-    ap.add_argument("--released", action="store_true", help="decode as the released inference: sampling at "
-                    "temperature 0.2 (seeded here), up to 2048 new tokens")
+    ap.add_argument("--released", dest="temperature", action="store_const", const=0.2,
+                    help="decode as released: --temperature 0.2 (seeded here), with the default 2048 new tokens")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--plot", help="write the grounding picture to this PNG")
     ap.add_argument("--gt", help="ground-truth spans for the plot, e.g. '6.3-12.1,21-24.4'")
@@ -76,8 +71,6 @@ def main(argv):
     ap.add_argument("--out", metavar="PRED.jsonl", help="with --eval: the predictions (default: in the checkpoint)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
-    if a.released:
-        a.temperature, a.max_new_tokens = 0.2, 2048
     if not a.temperature >= 0:  # nor NaN; as every check here, before the long work
         ap.error(f"--temperature {a.temperature}: give a number >= 0 (0: greedy)")
     if a.max_new_tokens < 4:
@@ -118,15 +111,13 @@ def main(argv):
             if rank == 0:
                 print(f"== {ckpt}")
                 print_metrics(m)
-                with open(os.path.splitext(out)[0] + ".metrics.json", "w") as f:
-                    json.dump(m, f, indent=1)
+                write_atomic(os.path.splitext(out)[0] + ".metrics.json", json.dumps(m, indent=1))
                 print(f"predictions: {out}")
         if world > 1:
             dist.destroy_process_group()
         return
     model, tok, wp, _ = load_model(a.ckpt, a.device, a.bert_vocab, a.base)
-    cfg = model.cfg
-    frames, times = read_video(a.video, cfg.fps, cfg.img_size, cfg.max_frames)
+    frames, times = read_video(a.video, model.cfg.fps, model.cfg.img_size, model.cfg.max_frames)
     r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
     if a.plot:
         plot(a.plot, r, frames, times, gt)

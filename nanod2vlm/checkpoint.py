@@ -17,16 +17,15 @@ import warnings
 from dataclasses import asdict, replace
 
 import torch
-import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from nanod2vlm.model import CONFIGS, Config, D2VLM, LoRALinear, Phi3, add_lora, is_adapter
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
 class CheckpointError(ValueError):
-    pass
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and what is wrong."""
 
 
 def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
@@ -51,7 +50,13 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     if not os.path.isfile(bert_vocab):
         raise CheckpointError(f"{path}: an official checkpoint needs bert-base-uncased's vocab.txt for the Q-Former's "
                               f"question text: give --bert_vocab PATH/vocab.txt (got {bert_vocab!r})")
-    cfg = official_config(folder, cfg)
+    hf = _read_json(os.path.join(folder, "config.json"))
+    if hf.get("model_type") != "etchat_phi3":
+        raise CheckpointError(f"{folder}/config.json: model_type {hf.get('model_type')!r}, not 'etchat_phi3' (an E.T. "
+                              "Chat / D²VLM folder); a plain Phi-3 folder goes to train.py --hf_llm")
+    # Phi-3's sizes from config.json; the rest from cfg, else from the config an export of ours recorded, else the
+    # full preset without LoRA; the special ids from the tokenizer
+    cfg = cfg or (_config(hf["nanod2vlm"]) if "nanod2vlm" in hf else replace(CONFIGS["full"], lora_r=0))
     tok_dir = path if os.path.exists(os.path.join(path, "tokenizer.model")) else folder
     try:
         tok = Tokenizer.phi3(tok_dir)
@@ -59,10 +64,11 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
         raise CheckpointError(e) from None
     if not _knows_evi(tok_dir):
         warnings.warn(f"{tok_dir}: an E.T. Chat tokenizer (no <evi>): evi_head and frm_head start fresh, untrained")
-    cfg = replace(cfg, image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id, end_id=tok.end_id)
+    cfg = replace(cfg, **phi3_fields(folder), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,
+                  end_id=tok.end_id)
     if adapter:
-        cfg = replace(cfg, lora_r=peft["r"], lora_alpha=float(peft["lora_alpha"]), lora_targets=tuple(peft[
-            "target_modules"]), lora_dropout=peft.get("lora_dropout", 0.0))
+        cfg = replace(cfg, lora_r=peft["r"], lora_alpha=float(peft["lora_alpha"]),
+                      lora_targets=tuple(peft["target_modules"]), lora_dropout=peft.get("lora_dropout", 0.0))
     model = build_d2vlm(cfg, official=folder)
     if adapter:  # the LoRA matrices must all be there; anything else the files hold replaces the base's
         files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "pytorch_model.safetensors")]
@@ -78,21 +84,20 @@ def _load_run(path, dev):
         tok = Tokenizer(open(os.path.join(path, "tokenizer.model"), "rb").read(),
                         json.load(open(os.path.join(path, "added_tokens.json"))))
         wp = WordPiece(os.path.join(path, "vocab.txt"))
-        in_base = _from_base(state["base"])
+        base = dict(state["base"])
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: not a nanod2vlm checkpoint ({e}); train one with `python train.py`") from None
-    model = build_d2vlm(cfg, **state["base"])
-    sd = model.state_dict()
-    load_safetensors_into(model, os.path.join(path, "model.safetensors"),
-                          missing_ok=tuple(k for k in sd if in_base(k) and not is_adapter(k)))
+    model = build_d2vlm(cfg, **base)
+    frozen = tuple(k for k in model.state_dict() if _in_base(base, k) and not is_adapter(k))  # the base files hold them
+    load_safetensors_into(model, os.path.join(path, "model.safetensors"), missing_ok=frozen)
     return model.to(dev).eval(), tok, wp, state
 
 
-def _from_base(base):
-    """key -> whether the files that state["base"] names hold it (an official folder: all; --hf_llm: the decoder;
-    --eva: the ViT). A checkpoint stores the rest and what trained."""
-    return lambda k: bool(base.get("official") or base.get("hf_llm") and k.startswith("llm.")
-                          or base.get("eva") and k.startswith("visual."))
+def _in_base(base, key):
+    """Whether the files that state["base"] names hold `key` (an official folder: all; --hf_llm: the decoder; --eva:
+    the ViT). A checkpoint stores the rest and what trained."""
+    return bool(base.get("official") or base.get("hf_llm") and key.startswith("llm.")
+                or base.get("eva") and key.startswith("visual."))
 
 
 def _knows_evi(folder):
@@ -116,7 +121,7 @@ def build_d2vlm(cfg, hf_llm="", eva="", official=""):
         load_safetensors_into(model.visual, eva, rename=eva_rename(cfg))
     if official:
         fresh = () if _knows_evi(official) else ("evi_head", "frm_head")
-        load_safetensors_into(model, official, etchat_rename, ("lora_A", "lora_B") + fresh)
+        load_safetensors_into(model, official, etchat_rename, missing_ok=fresh)  # before LoRA: no lora_ keys yet
     if cfg.lora_r:
         add_lora(model.llm, cfg)
     return model
@@ -147,17 +152,17 @@ def phi3_fields(folder):
     return dict({ours: hf[k] for ours, k in PHI3.items()}, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e4)))
 
 
-def load_phi3(hf_dir, cfg=None, into=None, dtype=torch.float32):
+def load_phi3(hf_dir, cfg=None, into=None):
     """An HF Phi-3 folder (config.json + safetensors) -> Phi3, or its weights into `into` (D2VLM's llm). cfg, if
     given, must agree with config.json. synth.py --llm, bench.py and build_d2vlm load Phi-3 this way."""
     found = phi3_fields(hf_dir)
-    if cfg is not None:
-        if bad := [f"{k}: config.json {v}, cfg {getattr(cfg, k)}" for k, v in found.items() if getattr(cfg, k) != v]:
-            raise CheckpointError(f"{hf_dir}/config.json does not match cfg: " + "; ".join(bad))
+    bad = [f"{k}: config.json {v}, cfg {getattr(cfg, k)}" for k, v in found.items() if cfg and v != getattr(cfg, k)]
+    if bad:
+        raise CheckpointError(f"{hf_dir}/config.json does not match cfg: " + "; ".join(bad))
     if into is None:
         with torch.device("meta"):
             into = Phi3(replace(cfg or Config(), **found))
-        into = into.to(dtype).to_empty(device="cpu")  # allocate once, in the target dtype
+        into = into.to_empty(device="cpu")  # allocated once, uninitialised: every weight comes from the files
     load_safetensors_into(into, hf_dir)
     return into
 
@@ -170,11 +175,9 @@ def eva_rename(cfg):
     safetensors): keep blocks < cfg.vit_layers and drop the final norm / fc_norm / head, so the 40-block
     checkpoint gives the 39-block tower. Use: load_safetensors_into(vit, path, rename=eva_rename(cfg))."""
     def rename(k):
-        if k.split(".")[0] in ("norm", "fc_norm", "head"):
-            return None
-        if k.startswith("blocks.") and int(k.split(".")[1]) >= cfg.vit_layers:
-            return None
-        return k
+        head = k.split(".")[0] in ("norm", "fc_norm", "head")
+        deep = k.startswith("blocks.") and int(k.split(".")[1]) >= cfg.vit_layers
+        return None if head or deep else k
     return rename
 
 
@@ -208,17 +211,6 @@ def official_name(key):
     return key.removeprefix("llm.")
 
 
-def official_config(folder, cfg):
-    """Config of an official folder: Phi-3's fields from its config.json, the rest from cfg, else from the config an
-    export of ours recorded, else the full preset without LoRA (the special ids come from its tokenizer)."""
-    hf = _read_json(os.path.join(folder, "config.json"))
-    if hf.get("model_type") != "etchat_phi3":
-        raise CheckpointError(f"{folder}/config.json: model_type {hf.get('model_type')!r}, not 'etchat_phi3' (an E.T. "
-                              "Chat / D²VLM folder); a plain Phi-3 folder goes to train.py --hf_llm")
-    cfg = cfg or (_config(hf["nanod2vlm"]) if "nanod2vlm" in hf else replace(CONFIGS["full"], lora_r=0))
-    return replace(cfg, **phi3_fields(folder))
-
-
 def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
     """Write `model` (LoRA merged in) in the official merged layout, so the official scripts can evaluate it:
     model-0000K-of-0000N.safetensors + model.safetensors.index.json in official names (position_ids included),
@@ -228,18 +220,15 @@ def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
     state.update({f"{name}.weight": m.merged().detach() for name, m in model.named_modules() if isinstance(m, LoRALinear)})
     state = {official_name(k): v for k, v in state.items() if "lora_" not in k}
     state["model.qformer_bert.bert.embeddings.position_ids"] = torch.arange(model.cfg.qf_max_pos)[None]
-    shards, size = [{}], 0
+    shards = [[]]  # the names in order, a new shard where one would pass shard_bytes
     for k, v in state.items():
-        if shards[-1] and size + v.nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += v.nbytes
-    os.makedirs(out, exist_ok=True)
+        if shards[-1] and sum(state[x].nbytes for x in shards[-1]) + v.nbytes > shard_bytes:
+            shards.append([])
+        shards[-1].append(k)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, os.path.join(out, name))
+        write_atomic(os.path.join(out, name), {k: state[k] for k in shard})
         weight_map.update(dict.fromkeys(shard, name))
     index = dict(metadata=dict(total_size=sum(v.nbytes for v in state.values())), weight_map=weight_map)
     write_atomic(os.path.join(out, "model.safetensors.index.json"), json.dumps(index, indent=1))
@@ -250,7 +239,7 @@ def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
     write_atomic(os.path.join(out, "config.json"), json.dumps(hf, indent=1))
     for f in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if base and os.path.exists(os.path.join(base, f)):
-            shutil.copy(os.path.join(base, f), os.path.join(out, f))
+            write_atomic(os.path.join(out, f), open(os.path.join(base, f), "rb").read())
     save_tokenizers(tok, wp, out)
 
 
@@ -270,12 +259,11 @@ def save_checkpoint(out, model, opt, tok, wp, state):
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    in_base = _from_base(state["base"])
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    weights = {k: v for k, v in model.state_dict().items() if k in trained or not in_base(k)}
-    save_safetensors(weights, os.path.join(tmp, "model.safetensors"))
+    weights = {k: v for k, v in model.state_dict().items() if k in trained or not _in_base(state["base"], k)}
+    write_atomic(os.path.join(tmp, "model.safetensors"), weights)
     opt_state = {f"{i}.{k}": v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    save_safetensors(opt_state, os.path.join(tmp, "optim.safetensors"))
+    write_atomic(os.path.join(tmp, "optim.safetensors"), opt_state)
     save_tokenizers(tok, wp, tmp)
     write_atomic(os.path.join(tmp, "state.json"), json.dumps(dict(state, config=asdict(model.cfg))))
     shutil.rmtree(final, ignore_errors=True)
@@ -294,22 +282,16 @@ def save_tokenizers(tok, wp, folder):
 
 
 def load_optimizer(opt, path):
-    """AdamW's state ({i}.step, {i}.exp_avg, ...), checked against the parameters' shapes: a corrupt or foreign
-    file fails here, naming itself, rather than inside the first opt.step()."""
-    try:
-        flat = load_file(path)
-    except Exception as e:  # safetensors raises its own error type on a corrupt file
-        raise CheckpointError(f"{path}: not a readable optimizer state ({e})") from None
+    """AdamW's state ({i}.step, {i}.exp_avg, {i}.exp_avg_sq of the i-th parameter), checked as weights are: a corrupt
+    or foreign file fails here, naming itself, rather than inside the first opt.step()."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    sd, bad = opt.state_dict(), []
-    for key, v in flat.items():
-        i, name = key.split(".", 1)
-        want = () if name == "step" else tuple(params[int(i)].shape) if int(i) < len(params) else "no parameter"
-        if tuple(v.shape) != want:
-            bad.append(f"{key} (checkpoint {tuple(v.shape)}, model {want})")
-        sd["state"].setdefault(int(i), {})[name] = v
-    if bad:
-        raise CheckpointError(f"{path} does not fit the model: {len(bad)} shape mismatches: " + ", ".join(bad[:8]))
+    state = {f"{i}.{k}": torch.zeros(()) if k == "step" else torch.zeros_like(p) for i, p in enumerate(params)
+             for k in ("step", "exp_avg", "exp_avg_sq")}
+    sd = opt.state_dict()
+    # any key may be absent ("" is in every name): a parameter that has had no gradient yet has no state
+    for key in _load_tensors(state, [path], missing_ok=("",)):
+        i, name = key.split(".")
+        sd["state"].setdefault(int(i), {})[name] = state[key]
     opt.load_state_dict(sd)
 
 
@@ -331,76 +313,59 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-def save_safetensors(obj, path):
-    """A module's state_dict, or a dict of tensors, to path (atomically)."""
-    write_atomic(path, obj.state_dict() if isinstance(obj, nn.Module) else obj)
-
-
 def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora_B")):
     """Copy a checkpoint into module's parameters (cast to their dtype) and check it fits exactly.
 
     path: a .safetensors file, or an HF directory with model.safetensors or a sharded
     model.safetensors.index.json. rename(key) -> module key, or None to skip the tensor (for official
     E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
-    _load_tensors(module.state_dict(), _checkpoint_files(path), rename, missing_ok)
+    files = [os.path.join(path, "model.safetensors") if os.path.isdir(path) else path]
+    if os.path.isfile(index := os.path.join(path, "model.safetensors.index.json")):  # sharded
+        files = [os.path.join(path, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    if not os.path.exists(files[0]):
+        raise CheckpointError(f"{files[0]}: no such checkpoint (expected a .safetensors file or an HF directory "
+                              "with model.safetensors or model.safetensors.index.json)")
+    _load_tensors(module.state_dict(), files, rename, missing_ok)
 
 
 def _load_tensors(targets, files, rename=None, missing_ok=()):
-    plan, seen, unexpected, shapes = {}, set(), [], []  # plan: file -> [(file key, module key)]
-    for f in files:  # first pass reads headers only: a bad checkpoint fails before anything is overwritten
-        with _open(f) as sf:
-            for key in sf.keys():
-                name = rename(key) if rename else key
-                if name is None:
-                    continue
-                if name not in targets:
-                    unexpected.append(key)
-                    continue
-                seen.add(name)
-                if (shape := tuple(sf.get_slice(key).get_shape())) != tuple(targets[name].shape):
-                    shapes.append(f"{name} (checkpoint {shape}, model {tuple(targets[name].shape)})")
-                else:
-                    plan.setdefault(f, []).append((key, name))
-    missing = [k for k in targets if k not in seen and not any(m in k for m in missing_ok)]
-    if missing or unexpected or shapes:
-        msg = f"checkpoint {os.path.dirname(files[0]) if len(files) > 1 else files[0]} does not fit the model:"
-        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                more = f", ... (+{len(items) - 8} more)" if len(items) > 8 else ""
-                msg += f"\n  {len(items)} {what}: " + ", ".join(items[:8]) + more
-        raise CheckpointError(msg)
+    """Copy the tensors of safetensors `files` (a later file replaces what an earlier one holds) into `targets` (name
+    -> tensor), after checking from the headers alone that they fit exactly: a bad checkpoint fails before anything
+    is overwritten. -> the names loaded."""
+    plan, unexpected, shapes = {}, [], []  # plan: target name -> (file, its open handle, the file's key)
+    for f in files:
+        try:
+            sf = safe_open(f, framework="pt")
+        except Exception as e:  # safetensors raises its own error type on a corrupt or foreign file
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        for key in sf.keys():
+            name = rename(key) if rename else key
+            if name is None:
+                continue
+            if name not in targets:
+                unexpected.append(key)
+                continue
+            plan[name] = (f, sf, key)
+            if (shape := tuple(sf.get_slice(key).get_shape())) != tuple(targets[name].shape):
+                shapes.append(f"{name} (checkpoint {shape}, model {tuple(targets[name].shape)})")
+    missing = [k for k in targets if k not in plan and not any(m in k for m in missing_ok)]
+    report = "".join(f"\n  {len(items)} {what}: " + ", ".join(items[:8]) + (", ..." if len(items) > 8 else "")
+                     for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                         ("shape mismatches", shapes)) if items)
+    if report:
+        raise CheckpointError(f"checkpoint {os.path.dirname(files[0]) if len(files) > 1 else files[0]} does not fit "
+                              f"the model:{report}")
     with torch.no_grad():
-        for f, pairs in plan.items():  # files in order: a later one replaces what an earlier one set
-            with _open(f) as sf:
-                for key, name in pairs:
-                    x = sf.get_tensor(key)  # one tensor in RAM at a time
-                    if not torch.isfinite(x).all():  # garbage bytes under an intact header
-                        raise CheckpointError(f"{f}: {key} holds NaN or infinite values: a corrupt file")
-                    targets[name].copy_(x)
-
-
-def _checkpoint_files(path):
-    if os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            return [os.path.join(path, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
-        path = os.path.join(path, "model.safetensors")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint (expected a .safetensors file or an HF directory "
-                              "with model.safetensors or model.safetensors.index.json)")
-    return [path]
-
-
-def _open(f):
-    try:
-        return safe_open(f, framework="pt")
-    except Exception as e:  # safetensors raises its own error type on a corrupt or foreign file
-        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+        for name, (f, sf, key) in plan.items():
+            x = sf.get_tensor(key)  # one tensor in RAM at a time
+            if not torch.isfinite(x).all():  # garbage bytes under an intact header
+                raise CheckpointError(f"{f}: {key} holds NaN or infinite values: a corrupt file")
+            targets[name].copy_(x)
+    return plan
 
 
 def _read_json(path):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.load(open(path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read JSON ({e})") from None

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import sample
 import train
 from nanod2vlm.checkpoint import (CheckpointError, etchat_rename, export, load_model, load_phi3, load_safetensors_into,
-                                  official_name, phi3_fields, save_safetensors)
+                                  official_name, phi3_fields, write_atomic)
 from nanod2vlm.data import read_annotations
 from nanod2vlm.model import CONFIGS, D2VLM, Config, Phi3, build_mask, is_adapter
 from nanod2vlm.tokenizer import PHI3_ADDED, Tokenizer, WordPiece
@@ -35,7 +35,7 @@ def model(seed):
 
 def test_round_trip(tmp_path):
     src, dst = model(0), model(1)
-    save_safetensors(src, tmp_path / "ck.safetensors")
+    write_atomic(tmp_path / "ck.safetensors", src.state_dict())
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]  # the temporary file was renamed
     load_safetensors_into(dst, tmp_path / "ck.safetensors")
     for (n, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
@@ -45,7 +45,7 @@ def test_round_trip(tmp_path):
 def test_rename_and_skip(tmp_path):
     src, dst = model(0), model(1)
     state = {"llm." + k: v for k, v in src.state_dict().items()} | {"vision.extra": torch.zeros(3)}
-    save_safetensors(state, tmp_path / "ck.safetensors")
+    write_atomic(tmp_path / "ck.safetensors", state)
     load_safetensors_into(dst, tmp_path / "ck.safetensors",
                           rename=lambda k: k.removeprefix("llm.") if k.startswith("llm.") else None)
     assert torch.equal(dst.lm_head.weight, src.lm_head.weight)
@@ -57,7 +57,7 @@ def test_mismatch_names_keys_and_path(tmp_path):
     del state["lm_head.weight"]  # missing
     state["model.bogus"] = torch.zeros(2)  # unexpected
     path = tmp_path / "bad.safetensors"
-    save_safetensors(state, path)
+    write_atomic(path, state)
     dst = model(1)
     before = dst.model.embed_tokens.weight.clone()
     with pytest.raises(CheckpointError) as e:
