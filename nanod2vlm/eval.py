@@ -109,7 +109,7 @@ def read_benchmark(path, videos=None):
         else:
             recs = [dict(r, idx=r.get("idx", i), video=r["video"], task=r["task"], q=r["q"]) for i, r in enumerate(data)]
             if any("<vid>" in r["q"] for r in recs):
-                raise AnnotationError(f"{path}: <vid> in q (E.T. Bench's vid style): D²VLM reads one <evi> per src interval")
+                raise AnnotationError(f"{path}: <vid> in q (E.T. Bench's vid style): give one <evi> per src interval")
             if unknown := {r["task"] for r in recs} - set(SCORERS):
                 raise AnnotationError(f"{path}: tasks {sorted(unknown)} are none of E.T. Bench's {list(SCORERS)}")
     except (KeyError, TypeError, AttributeError) as e:
@@ -415,9 +415,8 @@ class SentSim(nn.Module):
 
 def _bert_key(key):
     """HF BertModel key, any prefix ("bert.", "0.auto_model.") -> our key; the pooler and position ids are dropped."""
-    for root in ("embeddings.", "encoder."):
-        if root in key and not key.endswith("position_ids"):
-            return key[key.index(root):].replace(".self.", ".attention.")
+    m = re.search(r"(embeddings|encoder)\..*", key)
+    return m.group().replace(".self.", ".attention.") if m and not key.endswith("position_ids") else None
 
 
 # ---------------------------------------------------------------------------------------------------------
