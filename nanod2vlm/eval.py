@@ -27,7 +27,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanod2vlm.checkpoint import latest, load_safetensors_into, write_atomic
@@ -69,24 +68,21 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     cuts = [j for j, x in enumerate(out) if x == tok.evi_id]
     pieces = [tok.decode(out[a + 1:b]) for a, b in zip([-1] + cuts, cuts + [len(out)])]
     n = 2 if model.cfg.evi_unit == "frame" else 1  # frame-level <evi> (Tab. 6): a start and an end frame per event
-    raw = pieces[0]
-    for j, (e, piece) in enumerate(zip(evis, pieces[1:])):
-        k = sum(x["stage"] == e["stage"] for x in evis[:j])  # its index within its stage
-        # the released code prints frame indices, at its uncapped 1 fps the whole seconds: so do the frames' times,
-        # which stay seconds when max_frames thins a long video out
-        s, t = (round(v) for v in e["seconds"])
-        raw += (f"{s} - {t} " if n == 1 else f"{s} - " if k % 2 == 0 else f"{t} ") + piece
-    raw = raw.strip()
-    grounded, spans = ([(x[i][0], x[i + n - 1][1]) for i in range(0, len(x) - n + 1, n)]
-                       for x in ([e["seconds"] for e in evis if e["stage"] == s] for s in (1, 2)))
+    stages = [[e["seconds"] for e in evis if e["stage"] == s] for s in (1, 2)]  # stage 1 ends at </evi>
+    # the released code prints frame indices, at its uncapped 1 fps the whole seconds: so do the frames' times,
+    # which stay seconds when max_frames thins a long video out; a frame-level pair prints "s - " then "e "
+    said = [f"{round(s)} - {round(e)} " if n == 1 else [f"{round(s)} - ", f"{round(e)} "][k % 2]
+            for x in stages for k, (s, e) in enumerate(x)]
+    raw = "".join(a + b for a, b in zip([""] + said, pieces)).strip()
+    grounded, spans = ([(x[i][0], x[i + n - 1][1]) for i in range(0, len(x) - n + 1, n)] for x in stages)
     # dense captions: the text after each answer event's (last) <evi> ...
-    captions = [c.strip() for e, c in zip(evis, pieces[1:]) if e["stage"] == 2][n - 1::n]
+    captions = [c.strip() for c in pieces[1 + len(stages[0]):1 + len(evis)]][n - 1::n]
     if not model.cfg.interleave:  # ... or, when the answer states its timestamps as text (Tab. 4), after each of those
         stated = raw.split("</evi>")[-1]
         spans = [tuple(x) for x in parse_tvg(stated, answer=False)]
         captions = [c.strip() for c in PAIR.split(stated)[3::3]]
     note = "" if tok.evi_end_id in out else " (the model never closed grounding)"
-    if max(sum(e["stage"] == s for e in evis) for s in (1, 2)) > len(frames):  # a stage with more <evi> than frames
+    if max(map(len, stages)) > len(frames):  # a stage with more <evi> than frames
         note += f" ({len(evis)} <evi> for {len(frames)} frames: a degenerate answer)"
     return dict(raw=raw, text=raw + note, grounding=grounded, answer_spans=spans, captions=captions, evis=evis,
                 seconds=time.time() - t0, frames=len(frames))
@@ -113,7 +109,7 @@ def read_benchmark(path, videos=None):
         else:
             recs = [dict(r, idx=r.get("idx", i), video=r["video"], task=r["task"], q=r["q"]) for i, r in enumerate(data)]
             if any("<vid>" in r["q"] for r in recs):
-                raise AnnotationError(f"{path}: <vid> in q (E.T. Bench's vid style): D²VLM reads one <evi> per src interval")
+                raise AnnotationError(f"{path}: <vid> in q (E.T. Bench's vid style): give one <evi> per src interval")
             if unknown := {r["task"] for r in recs} - set(SCORERS):
                 raise AnnotationError(f"{path}: tasks {sorted(unknown)} are none of E.T. Bench's {list(SCORERS)}")
     except (KeyError, TypeError, AttributeError) as e:
@@ -193,7 +189,7 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
         print(f"{out}: {len(done)} of {len(recs)} records answered before; continuing")
     mine = out if world == 1 else f"{out}.rank{rank}"
     os.makedirs(os.path.dirname(os.path.abspath(mine)), exist_ok=True)
-    with open(mine, "a") as f:
+    with open(mine, "a", buffering=1) as f:  # line-buffered: each prediction is on disk when written
         total, seen = Counter(r["task"] for r in todo), Counter()
         for r in (bar := tqdm(todo, desc=os.path.basename(path), dynamic_ncols=True, position=rank)):
             seen[r["task"]] += 1
@@ -202,7 +198,6 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
             a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
                        1.2 if r["task"] in PENALIZED else 1.0)
             f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
-            f.flush()
     if world > 1:
         dist.barrier()
     if rank > 0:
@@ -238,8 +233,8 @@ def score(kind, preds, sentsim=None):
     qa = [p for p in preds if p["task"] == "gvq"]
     if qa:
         right = [p["a"].split("</evi>")[-1].strip().split(".")[0] == p["answer"].split(".")[0] for p in qa]
-        ious, fails = _ious(qa, "new", right=right)
-        m["qa"] = dict(Acc=100 * sum(right) / len(qa), Rec=100 * _recall(ious), n=len(qa), failures=fails)
+        rec, fails = _tvg(qa, "new", sentsim, "Rec", right)
+        m["qa"] = dict(Acc=100 * sum(right) / len(qa), Rec=100 * rec["Rec"], n=len(qa), failures=fails)
     gnd = [m[t]["F1"] for t in ("single", "multi") if t in m]  # E.T. Bench's grounding tasks
     m["avg"] = {"F1(gnd)": sum(gnd) / len(gnd) if gnd else None, "F1(cap)": m.get("dense", {}).get("F1"),
                 "Sim(cap)": m.get("dense", {}).get("Sim"), "Rec(com)": m.get("qa", {}).get("Rec")}
@@ -321,14 +316,12 @@ def parse_dvc(text, whole=None, version="new"):
     t = (text or "").lower()
     if version == "new":
         t = re.sub(r"\.{2,}", " ", t)
-    found = list(PAIR.finditer(t))
-    if found:
-        spans = _floats(m.groups() for m in found)
+    if found := list(PAIR.finditer(t)):
         caps = t
-        for m in found:
+        for m in found:  # every occurrence of each matched string
             caps = caps.replace(m.group(), "\n")
         caps = [c.strip().strip(", ") for c in caps.replace("seconds", "").split("\n") if len(c) > 5]
-        return [(sorted(s), c) for s, c in zip(spans, caps)] if spans else []
+        return [(sorted(s), c) for s, c in zip(_floats(m.groups() for m in found) or [], caps)]
     starts, ends = re.findall(rf"start time:\s*({NUM})", t), re.findall(rf"end time:\s*({NUM})", t)
     caps = re.findall(r"description:\s*(.+)", t) or re.findall(r"^\s*\*\s*(.+)", t, re.M)
     if (spans := _floats(zip(starts, ends))) and caps:
@@ -385,13 +378,12 @@ class SentSim(nn.Module):
         c = json.load(open(os.path.join(path, "config.json")))
         W = c["hidden_size"]
         cfg = Config(qf_width=W, qf_heads=c["num_attention_heads"], qf_mlp=c["intermediate_size"])
-        self.embeddings = nn.ModuleDict(dict(
-            word_embeddings=nn.Embedding(c["vocab_size"], W),
-            position_embeddings=nn.Embedding(c["max_position_embeddings"], W),
-            token_type_embeddings=nn.Embedding(c.get("type_vocab_size", 2), W),
-            LayerNorm=nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-12))))
-        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
-            QFormerLayer(cfg, cross=False) for _ in range(c["num_hidden_layers"]))))
+        self.embeddings = nn.ModuleDict(dict(word_embeddings=nn.Embedding(c["vocab_size"], W),
+                                             position_embeddings=nn.Embedding(c["max_position_embeddings"], W),
+                                             token_type_embeddings=nn.Embedding(c.get("type_vocab_size", 2), W),
+                                             LayerNorm=nn.LayerNorm(W, eps=c.get("layer_norm_eps", 1e-12))))
+        layers = [QFormerLayer(cfg, cross=False) for _ in range(c["num_hidden_layers"])]
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(layers)))
         load_safetensors_into(self, path, rename=_bert_key, missing_ok=("_query",))
         self.tok = WordPiece(os.path.join(path, "vocab.txt"))
         self.max_len = max_len
@@ -399,36 +391,32 @@ class SentSim(nn.Module):
     @torch.no_grad()
     def forward(self, texts):
         """texts -> (N, W) L2-normalised embeddings."""
-        out = []
         e = self.embeddings  # token type is always 0
-        for i in range(0, len(texts), 64):
-            ids = [torch.tensor(self.ids(t)) for t in texts[i:i + 64]]
-            tok = nn.utils.rnn.pad_sequence(ids, True, self.tok.pad_id).to(e.word_embeddings.weight.device)  # (N, L)
-            valid = tok != self.tok.pad_id  # basic_tokenize splits "[PAD]" in a text: only padding is [PAD]
-            pos = torch.arange(tok.shape[1], device=tok.device)
-            x = e.LayerNorm(e.word_embeddings(tok) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0])
-            for layer in self.encoder.layer:
-                x = layer(x, 0, valid[:, None, None, :], None)
-            pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # masked mean pooling
-            out.append(F.normalize(pooled, dim=-1))
-        return torch.cat(out)
+        ids = [torch.tensor(self.ids(t)) for t in texts]
+        tok = nn.utils.rnn.pad_sequence(ids, True, self.tok.pad_id).to(e.word_embeddings.weight.device)  # (N, L)
+        valid = tok != self.tok.pad_id  # basic_tokenize splits "[PAD]" in a text: only padding is [PAD]
+        pos = torch.arange(tok.shape[1], device=tok.device)
+        x = e.LayerNorm(e.word_embeddings(tok) + e.position_embeddings(pos) + e.token_type_embeddings.weight[0])
+        for layer in self.encoder.layer:
+            x = layer(x, 0, valid[:, None, None, :], None)
+        pooled = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # masked mean pooling
+        return pooled / pooled.norm(dim=-1, keepdim=True)  # L2-normalised
 
     def ids(self, text):
         x = self.tok.encode(text, max_len=10 ** 9)
         return x[:self.max_len - 1] + x[-1:]  # right truncation: the start and [SEP] are kept
 
     def cosine(self, a, b):
-        """Cosine similarity of a[i] and b[i], each text encoded once."""
+        """Cosine similarity of a[i] and b[i], each text encoded once, 64 texts at a time."""
         uniq = list(dict.fromkeys(a + b))
-        emb = dict(zip(uniq, self(uniq)))
+        emb = dict(zip(uniq, torch.cat([self(uniq[i:i + 64]) for i in range(0, len(uniq), 64)])))
         return [float(emb[x] @ emb[y]) for x, y in zip(a, b)]
 
 
 def _bert_key(key):
     """HF BertModel key, any prefix ("bert.", "0.auto_model.") -> our key; the pooler and position ids are dropped."""
-    for root in ("embeddings.", "encoder."):
-        if root in key and not key.endswith("position_ids"):
-            return key[key.index(root):].replace(".self.", ".attention.")
+    m = re.search(r"(embeddings|encoder)\..*", key)
+    return m.group().replace(".self.", ".attention.") if m and not key.endswith("position_ids") else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,11 +430,6 @@ def _iou(a, b):
     return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None] - inter)
 
 
-def _recall(ious):
-    """Mean over THR of hits / N; the float32 IoU, as a Python float, against the Python threshold: 7/10 misses 0.7."""
-    return sum(sum(x >= t for x in ious) for t in THR) / (len(THR) * len(ious))
-
-
 def _f1(p, r):
     return 2 * p * r / (p + r) if p + r else 0.0
 
@@ -455,21 +438,17 @@ def _spans_of(recs, version):
     return [parse_tvg(split_answer(r["a"], "span", version)[1]) for r in recs]
 
 
-def _ious(recs, version, best=False, right=None):
-    """TVG, EPM, TEM and GVQ's recall: per record the IoU of its first answer span (best: of its best one) with its
-    best GT span, 0.0 for a parse failure or a record not `right` -> (IoUs, parse failures)."""
-    spans = _spans_of(recs, version)
-    right = right or [True] * len(recs)
-    ious = [_iou(s if best else s[:1], r["tgt"]).max().item() if s and ok else 0.0
-            for r, s, ok in zip(recs, spans, right)]
-    return ious, sum(not s for s in spans)
-
-
-def _tvg(recs, version, sentsim, metric="F1"):
+def _tvg(recs, version, sentsim, metric="F1", right=None):
     """TVG, EPM ("F1"): the first span (original) or the best span (new) against the GT span. TEM ("Rec"): the
-    first span against the best GT span."""
-    ious, fails = _ious(recs, version, best=version == "new" and metric == "F1")
-    return {metric: _recall(ious), "mIoU": sum(ious) / len(ious)}, fails
+    first span against the best GT span; GVQ's and the world's Rec, over the rightly answered only (IoU 0 for the
+    others). A hit at IoU >= t, the float32 IoU as a Python float against the Python threshold: 7/10 misses 0.7;
+    the mean over THR of hits / N (failures are misses)."""
+    spans = _spans_of(recs, version)
+    best = version == "new" and metric == "F1"
+    ious = [_iou(s if best else s[:1], r["tgt"]).max().item() if s and ok else 0.0
+            for r, s, ok in zip(recs, spans, right or [True] * len(recs))]
+    recall = sum(sum(x >= t for x in ious) for t in THR) / (len(THR) * len(ious))
+    return {metric: recall, "mIoU": sum(ious) / len(ious)}, sum(not s for s in spans)
 
 
 def _tal(recs, version, sentsim):
@@ -515,15 +494,12 @@ def _flat(tgt):
 def _vhd(recs, version, sentsim):
     """A hit when the predicted time lies in any annotator's span: the first number (original), the midpoint of
     the first answer span (new)."""
-    hits, fails = 0, 0
-    for r, spans in zip(recs, _spans_of(recs, version)):
-        if version == "original":
-            x = float(m.group()) if (m := re.search(r"[-+]?\d+(?:\.\d+)?", r["a"])) else None
-        else:
-            x = sum(spans[0]) / 2 if spans else None
-        fails += x is None
-        hits += x is not None and any(s <= x <= e for s, e in _flat(r["tgt"]))
-    return {"F1": hits / len(recs)}, fails
+    if version == "original":
+        xs = [float(m.group()) if (m := re.search(r"[-+]?\d+(?:\.\d+)?", r["a"])) else None for r in recs]
+    else:
+        xs = [sum(s[0]) / 2 if s else None for s in _spans_of(recs, version)]
+    hits = sum(x is not None and any(s <= x <= e for s, e in _flat(r["tgt"])) for r, x in zip(recs, xs))
+    return {"F1": hits / len(recs)}, xs.count(None)
 
 
 def _choices(recs, version, sentsim, gvq=False):
@@ -536,9 +512,8 @@ def _choices(recs, version, sentsim, gvq=False):
     for r in recs:
         a = split_answer(r["a"], "letter", version)[1]
         i, t = parse_letter(a, len(r["o"] if gvq else recs[0]["o"]))
-        hit = i == r["p"]
-        if lenient and (m := re.search(r"\(([a-z])\)", a.lower())):
-            hit |= m.group(1) == "abcde"[r["p"]]
+        # the original also takes the first "(x)" anywhere; new's search is dead (it takes "(x)" as the letter)
+        hit = i == r["p"] or lenient and re.findall(r"\(([a-z])\)", a.lower())[:1] == ["abcde"[r["p"]]]
         fails += not t
         if t and not hit and (i is None or lenient):
             no_sim += sentsim is None
@@ -550,7 +525,7 @@ def _choices(recs, version, sentsim, gvq=False):
         hits.append(hit)
     m = {"Acc": sum(hits) / len(recs), "no_sim": no_sim}
     if gvq:
-        m["Rec"] = _recall(_ious(recs, version, right=hits)[0])
+        m["Rec"] = _tvg(recs, version, sentsim, "Rec", hits)[0]["Rec"]  # TEM's recall over the right answers
     return m, fails
 
 
@@ -586,13 +561,13 @@ def _events(a, version="new"):
 def _dvc(recs, version, sentsim):
     """DVC, SLC: F1 of the dataset-level P and R (failures count as P = R = 0); SentSim over parsed videos."""
     parsed = [(r, events) for r in recs if (events := _events(r["a"], version))]
-    pred = {r["video"]: events[:1000] for r, events in parsed}  # by video: one video's samples overwrite each other
-    gt = {r["video"]: list(zip(r["tgt"], r["g"])) for r, _ in parsed}
+    # by video: one video's samples overwrite each other; at most 1000 events each
+    videos = {r["video"]: (events[:1000], list(zip(r["tgt"], r["g"]))) for r, events in parsed}
     scale = len(parsed) / len(recs)  # failures count as P = R = 0
     rng = random.Random(0)
     f1, sims = [], []
     for t in THR:
-        matched = [_match(pred[v], gt[v], t, rng) for v in pred]
+        matched = [_match(pred, gt, t, rng) for pred, gt in videos.values()]
         P, R = (scale * sum(x[k] for x in matched) / max(len(matched), 1) for k in (0, 1))
         f1.append(_f1(P, R))
         if sentsim is not None and matched:
@@ -659,10 +634,8 @@ def charades_scores(preds, gts):
     """R@1 at IoU 0.3/0.5/0.7 (percent, IoU >= t) and mIoU (a fraction) of answers against [s, e] ground truths.
     Prediction: the first answer span, else the first evidence span (as written). "parsed" divides by the parsed
     answers (D²VLM's script, Table 2), "all" by every record (an unparsable answer is a miss)."""
-    if len(preds) != len(gts):
-        raise ValueError(f"charades_scores: {len(preds)} answers for {len(gts)} ground truths")
     ious = []
-    for a, (gs, ge) in zip(preds, gts):
+    for a, (gs, ge) in zip(preds, gts, strict=True):
         parts = a.split("</evi>")
         if spans := parse_tvg(parts[-1]) or parse_tvg(parts[0], answer=False):
             s, e = spans[0]
@@ -704,14 +677,12 @@ def cider_d(pairs, n=4, sigma=6.0):
     df = Counter(g for r in ref for c in r for g in c)
     log_n = math.log(len(pairs))
     tfidf = lambda c: {g: tf * (log_n - math.log(max(1.0, df[g]))) for g, tf in c.items()}
-    out = []
-    for h, r in zip(hyp, ref):
-        val = 0.0
-        for ch, cr in zip(h, r):
-            vh, vr = tfidf(ch), tfidf(cr)
-            dot = sum(min(w, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, w in vh.items())
-            norms = math.sqrt(sum(w * w for w in vh.values())) * math.sqrt(sum(w * w for w in vr.values()))
-            val += dot / norms if norms else dot
-        delta = sum(h[1].values()) - sum(r[1].values())
-        out.append(10 * val / n * math.exp(-delta ** 2 / (2 * sigma ** 2)))
-    return out
+
+    def cosine(ch, cr):  # of one n-gram order's tf-idf vectors, the hypothesis clipped at the reference
+        vh, vr = tfidf(ch), tfidf(cr)
+        dot = sum(min(w, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, w in vh.items())
+        norms = math.sqrt(sum(w * w for w in vh.values())) * math.sqrt(sum(w * w for w in vr.values()))
+        return dot / norms if norms else dot
+    # the Gaussian penalty on the length difference, lengths counted in bigrams (h[1], r[1])
+    penalty = [math.exp(-(sum(h[1].values()) - sum(r[1].values())) ** 2 / (2 * sigma ** 2)) for h, r in zip(hyp, ref)]
+    return [10 * sum(map(cosine, h, r)) / n * p for h, r, p in zip(hyp, ref, penalty)]
