@@ -14,15 +14,20 @@ any-span TVG/EPM, midpoint VHD, a letter that is final, and its bugs: the EVS ma
 spans, the TAL sum that resets). Not computed: METEOR and SODA_c (they need Java and METEOR's jar), reported as
 None. Approximation: Stanford's PTB tokenizer (Java) is replaced by `ptb_tokenize`.
 """
+import argparse
 import glob
 import json
 import math
 import os
 import random
 import re
+import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from functools import partial
+from multiprocessing.pool import ThreadPool
 
 import torch
 import torch.distributed as dist
@@ -30,10 +35,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from nanod2vlm.checkpoint import latest, load_safetensors_into, write_atomic
-from nanod2vlm.data import AnnotationError, InputError, frame_span, normalize, read_annotations
+from nanod2vlm.data import AnnotationError, InputError, cli, frame_span, normalize, read_annotations
 from nanod2vlm.model import Config, QFormerLayer
 from nanod2vlm.tokenizer import WordPiece
+from nanod2vlm.world import ensure_world
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and synth.py are here
 PENALIZED = {"rar", "eca", "rvq"}  # the referring tasks decode with repetition penalty 1.2, the others with none
 WORLD_TASK = {"single": "tvg", "multi": "tal", "dense": "dvc", "qa": "gvq"}  # the world's tasks are these
 CHARADES_Q = ("You are given a video about indoor activities. Watch the video carefully and find a visual event "
@@ -686,3 +693,108 @@ def cider_d(pairs, n=4, sigma=6.0):
     # the Gaussian penalty on the length difference, lengths counted in bigrams (h[1], r[1])
     penalty = [math.exp(-(sum(h[1].values()) - sum(r[1].values())) ** 2 / (2 * sigma ** 2)) for h, r in zip(hyp, ref)]
     return [10 * sum(map(cosine, h, r)) / n * p for h, r, p in zip(hyp, ref, penalty)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The nano table: Tab. 4-6 in miniature, rows x seeds of train.py runs on the synthetic world
+
+ROWS = {  # row -> (its name in the table, its train.py flags); an FPO row starts from the same seed's "sft" run
+    "sft": ("D²VLM (SFT)", []),
+    "text": ("text timestamps, no interleaved <evi> (Tab. 4)", ["--interleave=false"]),
+    "nocons": ("no consistency loss (Tab. 4)", ["--w_cons=0"]),
+    "fpo": ("SFT + FPO as released (Tab. 5)", ["--stage=fpo"]),
+    "fpo-beta1": ("SFT + FPO, Eq. (4) as printed: beta 1 (Tab. 5)", ["--stage=fpo", "--beta=1"]),
+    "frame": ("frame-level <evi>, matching (Tab. 6)", ["--evi_unit=frame"]),
+    "nocapture": ("no visual semantic capture (Tab. 6)", ["--evi_capture=false"]),
+}
+CELLS = {"R@1 IoU 0.5": lambda m: m["single"]["all"]["R@0.5"], "F1(gnd)": lambda m: m["avg"]["F1(gnd)"],
+         "TVG F1": lambda m: m["single"]["F1"], "TAL F1": lambda m: m["multi"]["F1"],
+         "DVC F1": lambda m: m["dense"]["F1"], "QA Acc": lambda m: m["qa"]["Acc"]}  # of a world's metrics
+
+
+def table(rows, seeds, out, jobs, data, flags):
+    """Train every row x seed with train.py (one thread each, `jobs` at a time; a finished run is kept, a killed one
+    resumes), scored on the world's val and test splits -> {out}/table.md (mean ± sd over seeds) and table.png."""
+    if not os.path.exists(os.path.join(data, "train.json")):  # once, before the runs, which would all render it
+        ensure_world(data)
+    val, test = (os.path.join(data, f"{s}.json") for s in ("val", "test"))
+    fpo = [r for r in rows if "--stage=fpo" in ROWS[r][1]]
+    if fpo and not os.path.exists(os.path.join(data, "fpo_pairs.json")):  # once, for every FPO run
+        subprocess.run([sys.executable, os.path.join(ROOT, "synth.py"), os.path.join(data, "train.json"),
+                        os.path.join(data, "fpo_pairs.json")], check=True, stdout=subprocess.DEVNULL)
+
+    def train(job):
+        row, seed = job
+        run = os.path.join(out, f"{row}-s{seed}")
+        if os.path.exists(os.path.join(run, "metrics.json")):
+            return
+        init = [f"--init={out}/sft-s{seed}"] if row in fpo else []
+        resume = ["--resume"] if os.path.exists(os.path.join(run, "latest")) else []
+        with open(run + ".log", "a") as log:
+            done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data={data}", f"--out={run}",
+                                   f"--seed={seed}", f"--eval_json={val},{test}", *ROWS[row][1], *init, *resume,
+                                   *flags], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if done.returncode:
+            raise InputError(f"train.py failed for {run}: see {run}.log")
+    os.makedirs(out, exist_ok=True)
+    sft = [r for r in rows if r not in fpo] + (["sft"] if fpo and "sft" not in rows else [])
+    with tqdm(total=(len(sft) + len(fpo)) * seeds, desc="table runs") as bar, ThreadPool(jobs) as pool:
+        for phase in (sft, fpo):  # the SFT runs first: an FPO run starts from one
+            for _ in pool.imap_unordered(train, [(r, s) for r in phase for s in range(seeds)]):
+                bar.update()
+    metrics = {(r, s): json.load(open(os.path.join(out, f"{r}-s{s}", "metrics.json"))) for r in rows for s in range(seeds)}
+    stats = {split: {r: {c: _mean_sd([cell(metrics[r, s][split]) for s in range(seeds)]) for c, cell in CELLS.items()}
+                     for r in rows} for split in ("test", "val")}
+    md = []
+    for split in ("test", "val"):
+        md += [f"\n{split} split, mean ± sd over {seeds} seeds\n", "| row | " + " | ".join(CELLS) + " |",
+               "|---|" + "---:|" * len(CELLS)]
+        md += [f"| {ROWS[r][0]} | " + " | ".join(f"{m:.1f} ± {sd:.1f}" for m, sd in stats[split][r].values()) + " |"
+               for r in rows]
+    write_atomic(os.path.join(out, "table.md"), "\n".join(md) + "\n")
+    _bars(stats["test"], seeds, os.path.join(out, "table.png"))
+    print("\n".join(md) + f"\n\nwritten: {out}/table.md, {out}/table.png")
+
+
+def _mean_sd(xs):
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _bars(stats, seeds, path):
+    """The test split's cells as grouped bars, one colour per row, the seed sd as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    w = 0.8 / len(stats)
+    for i, (row, cells) in enumerate(stats.items()):
+        mean, sd = zip(*cells.values())
+        ax.bar([j + i * w for j in range(len(CELLS))], mean, w, yerr=sd, capsize=2, label=ROWS[row][0])
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(CELLS))], list(CELLS))
+    ax.set(ylabel=f"held-out test split, mean ± sd ({seeds} seeds)", ylim=(0, 105))
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@cli
+def main(argv):
+    ap = argparse.ArgumentParser(description="The nano table (Tab. 4-6 in miniature): rows x seeds of train.py runs, "
+                                 "mean ± sd per cell. Other options (e.g. --steps=400) go to every train.py run.")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of: {', '.join(ROWS)}")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one thread each")
+    ap.add_argument("--out", default="runs/table")
+    ap.add_argument("--data", default="data/world")
+    a, flags = ap.parse_known_args(argv)
+    rows = a.rows.split(",")
+    if unknown := [r for r in rows if r not in ROWS]:
+        ap.error(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})")
+    if a.seeds < 1 or a.jobs < 1:
+        ap.error("--seeds and --jobs: give numbers >= 1")
+    table(rows, a.seeds, a.out, a.jobs, a.data, flags)
+
+
+if __name__ == "__main__":
+    main()

@@ -318,3 +318,31 @@ def test_bad_benchmark_files_get_one_clear_line(run, files, capsys, tmp_path, ca
     assert str(e.value.code).startswith(f"error: {ann}: ") and "\n" not in str(e.value.code)
     for w in words:
         assert w in e.value.code, e.value.code
+
+
+def test_the_table_runs_rows_by_seeds_and_writes_the_table_and_the_chart(tiny_world):
+    """python -m nanod2vlm.eval on 2 rows x 2 seeds of a few steps (an FPO row starts from its seed's SFT run, which
+    the runner adds) -> the markdown table (mean ± sd over seeds per cell, test and val) and the bar chart; run again,
+    it finds every run done and retrains nothing."""
+    import statistics
+    import matplotlib.pyplot as plt
+    out = tiny_world / "table"
+    flags = [f for f in TINY if not f.startswith(("--seed", "--eval_json"))] + ["--steps=4", "--lr=1e-2"]
+    argv = ["--rows=nocons,fpo", "--seeds=2", "--jobs=2", f"--out={out}", f"--data={tiny_world}/world", *flags]
+    ev.main(argv)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["fpo-s0", "fpo-s1", "nocons-s0", "nocons-s1",
+                                                                  "sft-s0", "sft-s1"]
+    state = json.load(open(out / "fpo-s1" / open(out / "fpo-s1" / "latest").read() / "state.json"))
+    assert (state["train"]["init"], state["train"]["seed"], state["train"]["w_cons"]) == (f"{out}/sft-s1", 1, 10.0)
+    assert json.load(open(out / "nocons-s0" / open(out / "nocons-s0" / "latest").read() / "state.json"))[
+        "train"]["w_cons"] == 0
+    md = (out / "table.md").read_text()
+    for split, k in (("test", 0), ("val", 1)):
+        f1 = [json.load(open(out / f"nocons-s{s}" / "metrics.json"))[split]["avg"]["F1(gnd)"] for s in (0, 1)]
+        row = [line for line in md.splitlines() if line.startswith("| no consistency loss")][k]
+        assert row.split(" | ")[2] == f"{statistics.mean(f1):.1f} ± {statistics.stdev(f1):.1f}"
+    assert md.index("test split") < md.index("val split")
+    assert plt.imread(out / "table.png").shape[:2] == (495, 1320)  # 12 x 4.5 inches at 110 dpi
+    done = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+    ev.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")} == done
