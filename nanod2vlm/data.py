@@ -23,9 +23,6 @@ from safetensors.torch import load_file
 
 from nanod2vlm.checkpoint import CheckpointError, write_atomic
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 # -----------------------------------------------------------------------------
 # bad inputs: one line for the user, not a traceback
 
@@ -128,43 +125,39 @@ def _resize_crop(frame, size):
 
 
 def normalize(frames):
-    """uint8 (..., 3, H, W) -> float CLIP-normalised pixels."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    """uint8 (..., 3, H, W) -> float pixels normalised by CLIP's per-channel mean and std (RGB)."""
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
     return (frames.float() / 255 - mean) / std
 
 # -----------------------------------------------------------------------------
 # annotations (App. B)
 
 
-class AnnotationError(InputError):
-    pass
-
-
 def read_annotations(path, videos=None):
     """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e] (and
     `src`, if any, as a list of [s, e]). Every record is checked (with `videos`, a folder: its video is there too);
-    all malformed records of the file are reported together in one AnnotationError (none silently dropped)."""
+    all malformed records of the file are reported together in one InputError (none silently dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise AnnotationError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
+        raise InputError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
                                             "annotation file not found"))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if text.lstrip().startswith("["):
         records = _json(text)
         if isinstance(records, json.JSONDecodeError):
-            raise AnnotationError(f"{path}: not valid JSON: {records}")
+            raise InputError(f"{path}: not valid JSON: {records}")
         records = [(f"record {i}", r) for i, r in enumerate(records)]
     else:  # JSON lines: a line that is not JSON is one more malformed record, reported with the others
         lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         records = [(f"record {i} (line {n})", _json(line)) for i, (n, line) in enumerate(lines)]
         if len(records) > 1 and isinstance(_json(text), dict):  # e.g. {"annotations": [...]} over several lines
-            raise AnnotationError(f"{path}: one JSON object; give a JSON list of records or JSON lines (one per line)")
+            raise InputError(f"{path}: one JSON object; give a JSON list of records or JSON lines (one per line)")
     if not records:
-        raise AnnotationError(f"{path}: no records (an empty file or list)")
+        raise InputError(f"{path}: no records (an empty file or list)")
     return check_records(path, records, videos)
 
 
@@ -178,7 +171,7 @@ def _json(text):
 
 def check_records(path, records, videos=None):
     """(where, record) pairs of `path` -> the records, normalised and checked (with `videos`, a folder: each record's
-    video is there too); every malformed one reported in one AnnotationError."""
+    video is there too); every malformed one reported in one InputError."""
     errors = []
     for where, r in records:
         if isinstance(r, dict):
@@ -190,7 +183,7 @@ def check_records(path, records, videos=None):
             errors.append(f"{where}: " + "; ".join(problems))
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise AnnotationError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors[:10]) + more)
+        raise InputError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors[:10]) + more)
     return [r for _, r in records]
 
 
