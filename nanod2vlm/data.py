@@ -309,13 +309,11 @@ class VideoDataset:
     def __getitem__(self, i):
         r, tok, fps = self.records[i], self.tok, self.video["fps"]
         x, times = self.cache.get(self.root / r["video"], **self.video)
-        question, answer = turns(r)["human"], turns(r)["gpt"]
-        prompt = tok.encode(tok.chat(question))
-        j = prompt.index(tok.image_id)
-        prompt = torch.tensor(prompt[:j] + [tok.image_id] * len(times) + prompt[j + 1:])  # one placeholder per frame
+        question = turns(r)["human"].replace("<image>\n", "").replace("<image>", "")
+        prompt = torch.tensor(tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's, the <evi> are src's
         # the response apart from the prompt (the generation prompt), <|end|> included; the k-th <evi> of each stage
         # refers to the k-th interval of that stage (read_annotations checked the counts)
-        resp = torch.tensor(tok.encode(answer + "<|end|>"))
+        resp = torch.tensor(tok.encode(turns(r)["gpt"] + "<|end|>"))
         eg, ir = (r.get("time_gt", {}).get(key, []) for key in ("evidence_grounding", "interleaved_response"))
         y = [frame_targets(times, span, self.alpha, self.exact, fps) for span in eg + ir]
         response = dict(resp=resp, evi_pos=(resp == tok.evi_id).nonzero().flatten(),
@@ -324,7 +322,7 @@ class VideoDataset:
                         evi_span=frame_spans(times, eg + ir, fps),
                         evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
         return dict(ids=prompt, frames=x if self.video["encode"] else normalize(x), times=times,
-                    q_ids=torch.tensor(self.q_tokenize(question.replace("<image>\n", "").replace("<image>", ""))),
+                    q_ids=torch.tensor(self.q_tokenize(question)),
                     src_pos=(prompt == tok.evi_id).nonzero().flatten(),  # question-side <evi>, one per src interval
                     src_span=frame_spans(times, r.get("src", []), fps), responses=[response])
 

@@ -53,9 +53,7 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     whole seconds, </evi> kept: what the scorers read), `text`, that with notes for people, the grounding and
     answer spans in seconds, the captions and each <evi>'s details."""
     t0 = time.time()
-    ids = tok.prompt(question, ("<evi>",) if src else ())  # the question's <evi> are src's, or text
-    i = ids.index(tok.image_id)
-    ids = ids[:i] + [tok.image_id] * len(frames) + ids[i + 1:]  # one placeholder per frame
+    ids = tok.prompt(question, ("<evi>",) if src else (), len(frames))  # the question's <evi> are src's, or text
     room = model.cfg.max_pos - len(ids)
     if room < 1:
         raise InputError(f"the prompt takes {len(ids)} positions, the model has {model.cfg.max_pos}: ask a shorter "

@@ -100,12 +100,13 @@ class Tokenizer:
                 run.append(i)
         return "".join(out) + self.sp.decode(run)
 
-    def prompt(self, question, special=()):
-        """The generation prompt's ids for a question about the video ("<image>\\n" + question, as released): the
-        question is text but for the special tokens in `special` (E.T. Bench's <evi>, one per src interval), so
-        that <evi>, <image> or <|end|> typed by a user stay characters, not a reference, a frame or an end."""
-        head, tail = self.chat("<image>\0").split("\0")
-        return self.encode(head) + self.encode("\n" + question, special) + self.encode(tail)
+    def prompt(self, question, special=(), frames=1):
+        """The generation prompt's ids for a question about a video of `frames` frames ("<image>\\n" + question, as
+        released, with one <image> per frame): the question is text but for the special tokens in `special` (its
+        <evi>, one per src interval), so that <evi>, <image> or <|end|> typed by a user stay characters, not a
+        reference, a frame or an end. Training and answering both build their prompts here."""
+        head, tail = self.chat("\0").split("\0")
+        return self.encode(head) + [self.image_id] * frames + self.encode("\n" + question, special) + self.encode(tail)
 
     def chat(self, question):
         """Phi-3's chat template (the released prompt), up to the answer: the generation prompt."""
