@@ -21,12 +21,9 @@ from collections import Counter
 from nanod2vlm.checkpoint import write_atomic
 from nanod2vlm.data import cli, read_annotations, turns, writable
 
-LEXICON = {  # word classes of the synthetic world; a word swaps only for one of its class seen in the data
-    "colour": "red green blue yellow purple orange black white",
-    "shape": "square circle triangle cross diamond",
-    "action": "appears flashes spins",
-    "action_base": "appear flash spin",
-}
+# word classes of the synthetic world; a word swaps only for one of its class seen in the data
+LEXICON = {"colour": "red green blue yellow purple orange black white", "shape": "square circle triangle cross diamond",
+           "action": "appears flashes spins", "action_base": "appear flash spin"}
 CLASS_OF = {w: c for c, words in LEXICON.items() for w in words.split()}
 FACTORS = {"temporal": ("shift", "add", "delete", "merge"), "textual": ("distort", "repeat")}
 TOKEN = re.compile(r"<evi>|[A-Za-z]+|\d+")

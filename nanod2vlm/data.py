@@ -4,7 +4,6 @@ Video -> frames at 1 fps (real presentation times kept), short side resized to 2
 normalisation, as released. Annotations: App. B's time_gt records (and the released tgt/src form); the batch format is
 the one the model and losses consume (collate).
 """
-import functools
 import hashlib
 import json
 import math
@@ -35,7 +34,6 @@ def cli(main):
     """A script's main(argv) that ends a bad input (InputError: bad videos, annotations, options; CheckpointError) or
     a file that cannot be read or written (OSError: a read-only folder, a full disk) in one line `error: ...` and exit
     status 1 (argparse's usage errors: 2), instead of a traceback."""
-    @functools.wraps(main)
     def run(argv=None):
         try:
             return main(sys.argv[1:] if argv is None else argv)
@@ -141,7 +139,7 @@ def read_annotations(path, videos=None):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
-                                            "annotation file not found"))
+                                        "annotation file not found"))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -276,14 +274,11 @@ def frame_spans(times, intervals, fps=1.0):
 
 
 def frame_targets(times, interval, alpha=None, exact=False, fps=1.0):
-    """Frame target y (T,) of one <evi> (Eq. 3 / Eq. 6): 1 on the interval's frames, 0 elsewhere (paper); with
-    `alpha`, the released code's soft target alpha^-d, d = distance in frames to the interval (alpha = 2). exact: d
-    from the interval's unrounded ends (the released FPO targets are not rounded to frames)."""
+    """Frame target y (T,) of one <evi> (the y of Eq. (3) and Eq. (6)): 1 on the interval's frames, 0 elsewhere
+    (paper); with `alpha`, the released code's soft target alpha^-d, d = distance in frames to the interval (alpha =
+    2). exact: d from the interval's unrounded ends (the released FPO targets are not rounded to frames)."""
     j = torch.arange(len(times), dtype=torch.float64)
-    if exact:
-        a, b = sorted(frame_pos(times, v, fps) for v in interval)
-    else:
-        a, b = frame_span(times, interval, fps)
+    a, b = sorted(frame_pos(times, v, fps) for v in interval) if exact else frame_span(times, interval, fps)
     d = (a - j).clamp(min=0) + (j - b).clamp(min=0)
     return (d == 0).float() if alpha is None else (float(alpha) ** -d).float()
 
