@@ -63,11 +63,11 @@ def render(ev):
 def build_vocab(records):
     """What a distortion may say: the words of each class as they occur in the responses ({class: sorted words},
     digit numbers as class "number") and every pair of adjacent words the responses contain."""
-    toks = [[w.lower() for w in TOKEN.findall(turns(rec)["gpt"])] for rec in records]
+    responses = [[w.lower() for w in TOKEN.findall(turns(rec)["gpt"])] for rec in records]  # their words, in order
     words = {}
-    for w in sorted({w for ws in toks for w in ws if word_class(w)}):
+    for w in sorted({w for ws in responses for w in ws if word_class(w)}):
         words.setdefault(word_class(w), []).append(w)
-    return {"words": words, "pairs": {p for ws in toks for p in zip(ws, ws[1:])}}
+    return {"words": words, "pairs": {p for ws in responses for p in zip(ws, ws[1:])}}
 
 
 def word_class(w):
