@@ -19,14 +19,11 @@ import re
 from collections import Counter
 
 from nanod2vlm.checkpoint import write_atomic
-from nanod2vlm.data import cli, read_annotations, writable
+from nanod2vlm.data import cli, read_annotations, turns, writable
 
-LEXICON = {  # word classes of the synthetic world; a word swaps only for one of its class seen in the data
-    "colour": "red green blue yellow purple orange black white",
-    "shape": "square circle triangle cross diamond",
-    "action": "appears flashes spins",
-    "action_base": "appear flash spin",
-}
+# word classes of the synthetic world; a word swaps only for one of its class seen in the data
+LEXICON = {"colour": "red green blue yellow purple orange black white", "shape": "square circle triangle cross diamond",
+           "action": "appears flashes spins", "action_base": "appear flash spin"}
 CLASS_OF = {w: c for c, words in LEXICON.items() for w in words.split()}
 FACTORS = {"temporal": ("shift", "add", "delete", "merge"), "textual": ("distort", "repeat")}
 TOKEN = re.compile(r"<evi>|[A-Za-z]+|\d+")
@@ -34,13 +31,9 @@ LLM_PROMPT = ("Rewrite this sentence with one key detail (a colour, shape, actio
               "Keep <evi> exactly as it is. Reply with the sentence only.\n{chunk}")
 
 
-def gpt_value(rec, who="gpt"):
-    return next(c["value"] for c in rec["conversations"] if c["from"] == who)
-
-
 def parse(rec):
     """Record -> events [(s, e, chunk)] in temporal order; None if the stages and time_gt do not line up."""
-    value, dur = gpt_value(rec), rec["duration"]
+    value, dur = turns(rec)["gpt"], rec["duration"]
     if value.count("</evi>") != 1:
         return None
     stage1, stage2 = value.split("</evi>")
@@ -70,14 +63,11 @@ def render(ev):
 def build_vocab(records):
     """What a distortion may say: the words of each class as they occur in the responses ({class: sorted words},
     digit numbers as class "number") and every pair of adjacent words the responses contain."""
-    words, pairs = {}, set()
-    for rec in records:
-        toks = [w.lower() for w in TOKEN.findall(gpt_value(rec))]
-        pairs.update(zip(toks, toks[1:]))
-        for w in toks:
-            if word_class(w):
-                words.setdefault(word_class(w), set()).add(w)
-    return {"words": {c: sorted(ws) for c, ws in words.items()}, "pairs": pairs}
+    responses = [[w.lower() for w in TOKEN.findall(turns(rec)["gpt"])] for rec in records]  # their words, in order
+    words = {}
+    for w in sorted({w for ws in responses for w in ws if word_class(w)}):
+        words.setdefault(word_class(w), []).append(w)
+    return {"words": words, "pairs": {p for ws in responses for p in zip(ws, ws[1:])}}
 
 
 def word_class(w):
@@ -196,7 +186,7 @@ def synth(records, seed=0, llm=None):
         factor, sub, rej, ks, rks = out
         counts[f"{factor}/{sub}"] += 1
         pairs.append({"video": rec["video"], "duration": rec["duration"], "task": rec.get("task"),
-                      "question": gpt_value(rec, "human"), "chosen": render(ev), "rejected": render(rej),
+                      "question": turns(rec)["human"], "chosen": render(ev), "rejected": render(rej),
                       "factor": factor, "sub_factor": sub, "events": ks, "rejected_events": rks})
     return pairs, counts
 

@@ -4,7 +4,6 @@ Video -> frames at 1 fps (real presentation times kept), short side resized to 2
 normalisation, as released. Annotations: App. B's time_gt records (and the released tgt/src form); the batch format is
 the one the model and losses consume (collate).
 """
-import functools
 import hashlib
 import json
 import math
@@ -18,15 +17,10 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
 
 from nanod2vlm.checkpoint import CheckpointError, write_atomic
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # -----------------------------------------------------------------------------
 # bad inputs: one line for the user, not a traceback
@@ -40,7 +34,6 @@ def cli(main):
     """A script's main(argv) that ends a bad input (InputError: bad videos, annotations, options; CheckpointError) or
     a file that cannot be read or written (OSError: a read-only folder, a full disk) in one line `error: ...` and exit
     status 1 (argparse's usage errors: 2), instead of a traceback."""
-    @functools.wraps(main)
     def run(argv=None):
         try:
             return main(sys.argv[1:] if argv is None else argv)
@@ -66,12 +59,6 @@ def writable(path, option):
 # video
 
 
-class VideoError(InputError):
-    def __init__(self, path, reason):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
-
-
 def read_video(path, fps=1.0, size=224, max_frames=350):
     """Decode `path` at `fps` -> (frames uint8 (T, 3, size, size), times float (T,) in seconds).
 
@@ -82,18 +69,17 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
     subsampled (times stay the real ones); a long video is thinned while it decodes, every other kept frame dropped
     whenever more than 2 * max_frames are held (105 MB at 224 px), so it never holds all its 1-fps frames. The
     display matrix's rotation (a phone's portrait video) is applied: frames are upright, as players show them.
-    The whole stream is decoded in order: on a 60 s 30 fps 224p x264 clip (keyframe every 8.3 s) that ran ~100
-    video-s per wall-s vs ~30 seeking to each target; seeking wins only when keyframes are closer than 1/fps. A file
-    that breaks off mid-stream (truncated with its index intact) keeps its decodable prefix with a warning; nothing
-    decodable (e.g. an mp4 without its moov index) -> VideoError.
+    The whole stream is decoded in order: seeking to each target wins only when keyframes are closer than 1/fps
+    (README, speed). A file that breaks off mid-stream (truncated with its index intact) keeps its decodable prefix
+    with a warning; nothing decodable (e.g. an mp4 without its moov index) -> InputError.
     """
     if not os.path.isfile(path):
-        raise VideoError(path, "a folder, not a video file" if os.path.isdir(path) else "file not found")
+        raise InputError(f"{path}: " + ("a folder, not a video file" if os.path.isdir(path) else "file not found"))
     frames, times, stride, k = [], [], 1, 0  # k: the 1-fps target's number, every stride-th one kept
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise VideoError(path, "no video stream (audio-only file?)")
+                raise InputError(f"{path}: no video stream (audio-only file?)")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
@@ -113,10 +99,10 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
                     target = (math.floor(t * fps + 1e-6) + 1) / fps  # next target after t
     except av.FFmpegError as e:
         if not frames:
-            raise VideoError(path, f"cannot decode: {e.strerror or e} (not a video file, or truncated?)") from None
+            raise InputError(f"{path}: cannot decode: {e.strerror or e} (not a video file, or truncated?)") from None
         warnings.warn(f"{path}: decoding stopped after {last:.2f}s ({e.strerror or e}); keeping that prefix")
     if not frames:
-        raise VideoError(path, "no decodable video frames")
+        raise InputError(f"{path}: no decodable video frames")
     if duration and last < duration - 1.0 / fps - 1.0:
         warnings.warn(f"{path}: frames end at {last:.2f}s of {duration:.2f}s (truncated file?)")
     idx = torch.linspace(0, len(times) - 1, min(len(times), max_frames)).round().long()  # uniform, real times kept
@@ -137,59 +123,54 @@ def _resize_crop(frame, size):
 
 
 def normalize(frames):
-    """uint8 (..., 3, H, W) -> float CLIP-normalised pixels."""
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    """uint8 (..., 3, H, W) -> float pixels normalised by CLIP's per-channel mean and std (RGB)."""
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
     return (frames.float() / 255 - mean) / std
 
 # -----------------------------------------------------------------------------
 # annotations (App. B)
 
 
-class AnnotationError(InputError):
-    pass
-
-
 def read_annotations(path, videos=None):
     """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e] (and
     `src`, if any, as a list of [s, e]). Every record is checked (with `videos`, a folder: its video is there too);
-    all malformed records of the file are reported together in one AnnotationError (none silently dropped)."""
+    all malformed records of the file are reported together in one InputError (none silently dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise AnnotationError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
-                                            "annotation file not found"))
+        raise InputError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
+                                        "annotation file not found"))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    if text.lstrip().startswith("["):
+        records = _json(text)
+        if isinstance(records, json.JSONDecodeError):
+            raise InputError(f"{path}: not valid JSON: {records}")
+        records = [(f"record {i}", r) for i, r in enumerate(records)]
+    else:  # JSON lines: a line that is not JSON is one more malformed record, reported with the others
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = [(f"record {i} (line {n})", _json(line)) for i, (n, line) in enumerate(lines)]
+        if len(records) > 1 and isinstance(_json(text), dict):  # e.g. {"annotations": [...]} over several lines
+            raise InputError(f"{path}: one JSON object; give a JSON list of records or JSON lines (one per line)")
+    if not records:
+        raise InputError(f"{path}: no records (an empty file or list)")
+    return check_records(path, records, videos)
+
+
+def _json(text):
+    """The value `text` holds, or the json.JSONDecodeError that says why it holds none."""
     try:
-        whole = json.loads(text)  # JSON lines fail here, after their first record
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        whole = e
-    records, errors = [], []  # records: (where, record)
-    if isinstance(whole, list):
-        records = [(f"record {i}", r) for i, r in enumerate(whole)]
-    elif text.lstrip().startswith("["):
-        raise AnnotationError(f"{path}: not valid JSON: {whole}")
-    elif isinstance(whole, dict) and len(lines) > 1:  # e.g. {"annotations": [...]} over several lines
-        raise AnnotationError(f"{path}: one JSON object; give a JSON list of records or JSON lines (one per line)")
-    else:  # JSON lines
-        for n, line in lines:
-            where = f"record {len(records) + len(errors)} (line {n})"
-            try:
-                records.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: not valid JSON: {e}")
-    if not records and not errors:
-        raise AnnotationError(f"{path}: no records (an empty file or list)")
-    return check_records(path, records, videos, errors)
+        return e
 
 
-def check_records(path, records, videos=None, errors=()):
+def check_records(path, records, videos=None):
     """(where, record) pairs of `path` -> the records, normalised and checked (with `videos`, a folder: each record's
-    video is there too); every malformed one (and the `errors` found before) reported in one AnnotationError."""
-    errors = list(errors)
+    video is there too); every malformed one reported in one InputError."""
+    errors = []
     for where, r in records:
         if isinstance(r, dict):
             _normalize(r)
@@ -200,7 +181,7 @@ def check_records(path, records, videos=None, errors=()):
             errors.append(f"{where}: " + "; ".join(problems))
     if errors:
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise AnnotationError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors[:10]) + more)
+        raise InputError(f"{path}: {len(errors)} malformed record(s):\n  " + "\n  ".join(errors[:10]) + more)
     return [r for _, r in records]
 
 
@@ -224,6 +205,8 @@ def _is_number_pair(x):
 
 def _check_record(r):
     """-> list of problems with one record (empty if it is well formed)."""
+    if isinstance(r, json.JSONDecodeError):
+        return [f"not valid JSON: {r}"]
     if not isinstance(r, dict):
         return ["not a JSON object"]
     problems = []
@@ -235,24 +218,23 @@ def _check_record(r):
         d = math.inf  # intervals are then checked without it
     in_video = lambda p: _is_number_pair(p) and 0 <= p[0] <= p[1] <= d + 1  # noqa: E731 (1 s: rounded times)
     conv = r.get("conversations")
-    turns = {c.get("from"): c.get("value") for c in conv if isinstance(c, dict)} if isinstance(conv, list) else {}
-    if not isinstance(turns.get("human"), str) or turns["human"].count("<image>") != 1:
+    turn = {c.get("from"): c.get("value") for c in conv if isinstance(c, dict)} if isinstance(conv, list) else {}
+    if not isinstance(turn.get("human"), str) or turn["human"].count("<image>") != 1:
         problems.append("'conversations' needs a human turn whose value contains <image> once")
-    if not isinstance(turns.get("gpt"), str):
-        problems.append("'conversations' needs a gpt turn with a string value")
-        return problems
-    if "<image>" in turns["gpt"]:
+    if not isinstance(turn.get("gpt"), str):
+        return problems + ["'conversations' needs a gpt turn with a string value"]
+    if "<image>" in turn["gpt"]:
         problems.append("the gpt value contains <image> (a frame placeholder; only the human turn may have it)")
     for key in ("tgt", "src"):  # _normalize made them lists of pairs where it could
         if key in r and not (isinstance(r[key], list) and all(in_video(p) for p in r[key])):
             problems.append(f"'{key}' must be a flat list [s1, e1, s2, e2, ...] of seconds in [0, duration], got "
                             f"{r[key]!r}")
     n_src = len(r["src"]) if isinstance(r.get("src"), list) else 0
-    n_q = str(turns.get("human")).count("<evi>")  # question-side <evi>, one per src interval
+    n_q = str(turn.get("human")).count("<evi>")  # question-side <evi>, one per src interval
     if n_src != n_q:
         problems.append(f"'src' has {n_src} intervals but the human value has {n_q} <evi>")
     gt = r.get("time_gt", {})
-    stage1, _, stage2 = turns["gpt"].partition("</evi>")
+    stage1, _, stage2 = turn["gpt"].partition("</evi>")
     for key, text, where in (("evidence_grounding", stage1, "before"), ("interleaved_response", stage2, "after")):
         spans = gt.get(key, []) if isinstance(gt, dict) else None
         if not (isinstance(spans, list) and all(in_video(s) for s in spans)):
@@ -261,6 +243,11 @@ def _check_record(r):
             problems.append(f"time_gt.{key} has {len(spans)} intervals but the gpt value has "
                             f"{text.count('<evi>')} <evi> {where} </evi>")
     return problems
+
+
+def turns(rec):
+    """A checked record's conversation as {speaker: value}: "human" the question (with <image>), "gpt" the answer."""
+    return {c["from"]: c["value"] for c in rec["conversations"]}
 
 # -----------------------------------------------------------------------------
 # <evi> frame targets
@@ -281,15 +268,17 @@ def frame_span(times, interval, fps=1.0):
     return min(a, b), max(a, b)
 
 
+def frame_spans(times, intervals, fps=1.0):
+    """Intervals [[s, e], ...] in seconds -> their frame_span, (N, 2)."""
+    return torch.tensor([frame_span(times, iv, fps) for iv in intervals], dtype=torch.long).view(-1, 2)
+
+
 def frame_targets(times, interval, alpha=None, exact=False, fps=1.0):
-    """Frame target y (T,) of one <evi> (Eq. 3 / Eq. 6): 1 on the interval's frames, 0 elsewhere (paper); with
-    `alpha`, the released code's soft target alpha^-d, d = distance in frames to the interval (alpha = 2). exact: d
-    from the interval's unrounded ends (the released FPO targets are not rounded to frames)."""
+    """Frame target y (T,) of one <evi> (the y of Eq. (3) and Eq. (6)): 1 on the interval's frames, 0 elsewhere
+    (paper); with `alpha`, the released code's soft target alpha^-d, d = distance in frames to the interval (alpha =
+    2). exact: d from the interval's unrounded ends (the released FPO targets are not rounded to frames)."""
     j = torch.arange(len(times), dtype=torch.float64)
-    if exact:
-        a, b = sorted(frame_pos(times, v, fps) for v in interval)
-    else:
-        a, b = frame_span(times, interval, fps)
+    a, b = sorted(frame_pos(times, v, fps) for v in interval) if exact else frame_span(times, interval, fps)
     d = (a - j).clamp(min=0) + (j - b).clamp(min=0)
     return (d == 0).float() if alpha is None else (float(alpha) ** -d).float()
 
@@ -297,7 +286,7 @@ def frame_targets(times, interval, alpha=None, exact=False, fps=1.0):
 # dataset and collate
 
 
-class VideoDataset(Dataset):
+class VideoDataset:
     """One tokenised SFT sample per annotation record; videos are resolved relative to the file. `records` replaces
     the file's own records. exact: soft targets from unrounded interval ends (FPO's)."""
 
@@ -313,42 +302,30 @@ class VideoDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i):
-        r, tok = self.records[i], self.tok
+        r, tok, fps = self.records[i], self.tok, self.video["fps"]
         x, times = self.cache.get(self.root / r["video"], **self.video)
-        turns = {c["from"]: c["value"] for c in r["conversations"]}
-        prompt = tok.encode(tok.chat(turns["human"]))
-        j = prompt.index(tok.image_id)
-        prompt = torch.tensor(prompt[:j] + [tok.image_id] * len(times) + prompt[j + 1:])  # one placeholder per frame
-        src_pos = (prompt == tok.evi_id).nonzero().flatten()  # question-side <evi> (they follow the video)
-        src = r.get("src", [])
-        question = turns["human"].replace("<image>\n", "").replace("<image>", "")
+        question = turns(r)["human"].replace("<image>\n", "").replace("<image>", "")
+        prompt = torch.tensor(tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's, the <evi> are src's
+        # the response apart from the prompt (the generation prompt), <|end|> included; the k-th <evi> of each stage
+        # refers to the k-th interval of that stage (read_annotations checked the counts)
+        resp = torch.tensor(tok.encode(turns(r)["gpt"] + "<|end|>"))
+        eg, ir = (r.get("time_gt", {}).get(key, []) for key in ("evidence_grounding", "interleaved_response"))
+        y = [frame_targets(times, span, self.alpha, self.exact, fps) for span in eg + ir]
+        response = dict(resp=resp, evi_pos=(resp == tok.evi_id).nonzero().flatten(),
+                        evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
+                        evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),
+                        evi_span=frame_spans(times, eg + ir, fps),
+                        evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
         return dict(ids=prompt, frames=x if self.video["encode"] else normalize(x), times=times,
-                    q_ids=torch.tensor(self.q_tokenize(question)), src_pos=src_pos[:len(src)],
-                    src_span=self.frames_of(times, src),
-                    responses=[self.response(turns["gpt"], r.get("time_gt", {}), times)], meta=r)
-
-    def response(self, answer, gt, times):
-        """The response's ids (<|end|> included) and its <evi>: the k-th of each stage refers to the k-th interval."""
-        resp = torch.tensor(self.tok.encode(answer + "<|end|>"))  # apart from the prompt: the generation prompt
-        eg, ir = gt.get("evidence_grounding", []), gt.get("interleaved_response", [])
-        spans = eg + ir
-        evi_pos = (resp == self.tok.evi_id).nonzero().flatten()
-        assert len(evi_pos) == len(spans)  # read_annotations checked the counts
-        y = [frame_targets(times, s, self.alpha, self.exact, self.video["fps"]) for s in spans]
-        return dict(resp=resp, evi_pos=evi_pos, evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
-                    evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),
-                    evi_span=self.frames_of(times, spans), evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
-
-    def frames_of(self, times, intervals):
-        """Intervals in seconds -> inclusive frame spans (N, 2)."""
-        spans = [frame_span(times, iv, self.video["fps"]) for iv in intervals]
-        return torch.tensor(spans, dtype=torch.long).view(-1, 2)
+                    q_ids=torch.tensor(self.q_tokenize(question)),
+                    src_pos=(prompt == tok.evi_id).nonzero().flatten(),  # question-side <evi>, one per src interval
+                    src_span=frame_spans(times, r.get("src", []), fps), responses=[response])
 
 
 def ablate(rec, cfg):
     """The paper's ablations as data (Tab. 4, 6). cfg.interleave False: the answer states text timestamps instead
     of <evi> references. cfg.evi_unit "frame": one <evi> per boundary frame (start, end) instead of one per event."""
-    gpt, gt = rec["conversations"][1]["value"], rec["time_gt"]
+    gpt, gt = turns(rec)["gpt"], rec["time_gt"]
     if not cfg.interleave:
         head, tail = gpt.split("</evi>", 1)
         parts = tail.split("<evi>")
@@ -358,7 +335,8 @@ def ablate(rec, cfg):
     if cfg.evi_unit == "frame":
         gpt = gpt.replace("<evi>", "<evi> <evi>")
         gt = {k: [[x, x] for s, e in v for x in (s, e)] for k, v in gt.items()}
-    return dict(rec, time_gt=gt, conversations=[rec["conversations"][0], {"from": "gpt", "value": gpt}])
+    conversations = [dict(c, value=gpt) if c["from"] == "gpt" else c for c in rec["conversations"]]
+    return dict(rec, time_gt=gt, conversations=conversations)
 
 
 def collate(samples, pad_id):
@@ -372,29 +350,34 @@ def collate(samples, pad_id):
                   evi_k (k-th of its stage), evi_span (K, 2) inclusive frames, evi_y (K, T) frame targets"""
     B = len(samples)
     T = max(len(s["times"]) for s in samples)
-    pad = lambda xs, v=0: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=v)  # noqa: E731
-    n_resp = len(samples[0]["responses"])
-    resps = [(b, s["responses"][k]) for k in range(n_resp) for b, s in enumerate(samples)]
-    valid = pad([torch.ones(len(s["ids"]), dtype=torch.bool) for s in samples], False)
-    frames = samples[0]["frames"].new_zeros(B, T, *samples[0]["frames"].shape[1:])
-    for b, s in enumerate(samples):
-        frames[b, :len(s["times"])] = s["frames"]
-    resp = pad([x["resp"] for _, x in resps], pad_id)
-    resp_valid = pad([torch.ones(len(x["resp"]), dtype=torch.bool) for _, x in resps], False)
-    cat = lambda key, xs: torch.cat([x[key] for x in xs])  # noqa: E731
-    return dict(ids=pad([s["ids"] for s in samples], pad_id), valid=valid, frames=frames,
-                frm_valid=pad([torch.ones(len(s["times"]), dtype=torch.bool) for s in samples], False),
-                times=pad([s["times"] for s in samples]), q_ids=pad([s["q_ids"] for s in samples]),
-                q_valid=pad([torch.ones(len(s["q_ids"]), dtype=torch.bool) for s in samples], False),
-                src_b=torch.cat([torch.full_like(s["src_pos"], b) for b, s in enumerate(samples)]),
-                src_pos=cat("src_pos", samples), src_span=cat("src_span", samples).view(-1, 2),
+    rs = [s["responses"][k] for k in range(len(samples[0]["responses"])) for s in samples]  # response n: sample n % B
+    S = {key: [s[key] for s in samples] for key in ("ids", "frames", "times", "q_ids", "src_pos", "src_span")}
+    R = {key: [r[key] for r in rs] for key in ("resp", "evi_pos", "evi_stage", "evi_k", "evi_span", "evi_y")}
+    resp = pad(R["resp"], pad_id)
+    resp_valid = valid(R["resp"])
+    return dict(ids=pad(S["ids"], pad_id), valid=valid(S["ids"]), frames=pad(S["frames"]), frm_valid=valid(S["times"]),
+                times=pad(S["times"]), q_ids=pad(S["q_ids"]), q_valid=valid(S["q_ids"]),
+                src_b=owner(S["src_pos"]), src_pos=torch.cat(S["src_pos"]), src_span=torch.cat(S["src_span"]),
                 resp=resp, resp_valid=resp_valid, labels=resp.masked_fill(~resp_valid, -100),
-                resp_b=torch.tensor([b for b, _ in resps]),
-                evi_b=torch.cat([torch.full_like(x["evi_pos"], n) for n, (_, x) in enumerate(resps)]),
-                evi_pos=cat("evi_pos", [x for _, x in resps]), evi_stage=cat("evi_stage", [x for _, x in resps]),
-                evi_k=cat("evi_k", [x for _, x in resps]), evi_span=cat("evi_span", [x for _, x in resps]).view(-1, 2),
-                evi_y=torch.cat([F.pad(x["evi_y"], (0, T - x["evi_y"].shape[1])) for _, x in resps]),
-                meta=[s["meta"] for s in samples])
+                resp_b=torch.arange(len(rs)) % B, evi_b=owner(R["evi_pos"]), evi_pos=torch.cat(R["evi_pos"]),
+                evi_stage=torch.cat(R["evi_stage"]), evi_k=torch.cat(R["evi_k"]), evi_span=torch.cat(R["evi_span"]),
+                evi_y=torch.cat([torch.nn.functional.pad(y, (0, T - y.shape[1])) for y in R["evi_y"]]))
+
+
+def pad(xs, value=0):
+    """Tensors (L_i, ...) -> one (len(xs), max L_i, ...), each right-padded with `value`."""
+    return torch.nn.utils.rnn.pad_sequence(xs, batch_first=True, padding_value=value)
+
+
+def valid(xs):
+    """Tensors of lengths L_i -> (len(xs), max L_i) bool, True on each one's real positions (pad's)."""
+    return torch.arange(max(len(x) for x in xs))[None] < torch.tensor([len(x) for x in xs])[:, None]
+
+
+def owner(xs):
+    """Tensors xs -> for each element of torch.cat(xs), the index of the tensor it came from."""
+    return torch.repeat_interleave(torch.tensor([len(x) for x in xs]))
+
 
 # -----------------------------------------------------------------------------
 # per-video cache
@@ -411,12 +394,12 @@ class FrameCache:
         self.dir = Path(dir) if dir else None
         self.mem, self.mem_bytes, self.used, self.sha1 = OrderedDict(), mem_gb * 2**30, 0, {}
 
+    @torch.no_grad()
     def get(self, path, fps=1.0, size=224, max_frames=350, encode=None, tag=""):
+        assert encode is None or tag, "FrameCache.get: give a `tag` naming the feature extractor along with `encode`"
         path = Path(path)
-        if encode is not None and not tag:
-            raise ValueError("FrameCache.get: give a `tag` naming the feature extractor along with `encode`")
         if not path.is_file():
-            raise VideoError(path, "file not found")
+            raise InputError(f"{path}: file not found")
         st = path.stat()  # hash each file once per process (it is re-hashed if it changes on disk)
         sig = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if sig not in self.sha1:
@@ -429,16 +412,14 @@ class FrameCache:
         file = self.dir / f"{key}.safetensors" if self.dir else None
         if file and file.exists():
             d = load_file(file)
-            out = d["x"], d["times"]
         else:
-            frames, times = read_video(path, fps, size, max_frames)
+            x, times = read_video(path, fps, size, max_frames)
             if encode is not None:
-                with torch.no_grad():
-                    frames = encode(normalize(frames)).contiguous()
-            out = frames, times
+                x = encode(normalize(x)).contiguous()
+            d = {"x": x, "times": times}
             if file:
-                write_atomic(file, {"x": out[0], "times": out[1]})  # readers never see a half-written file
-        self.mem[key] = out
+                write_atomic(file, d)  # readers never see a half-written file
+        out = self.mem[key] = d["x"], d["times"]
         self.used += sum(x.nbytes for x in out)
         while self.used > self.mem_bytes and len(self.mem) > 1:
             self.used -= sum(x.nbytes for x in self.mem.popitem(last=False)[1])

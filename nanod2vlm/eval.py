@@ -35,7 +35,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from nanod2vlm.checkpoint import latest, load_safetensors_into, write_atomic
-from nanod2vlm.data import AnnotationError, InputError, cli, frame_span, normalize, read_annotations
+from nanod2vlm.data import InputError, cli, frame_span, normalize, read_annotations
 from nanod2vlm.model import Config, QFormerLayer
 from nanod2vlm.tokenizer import WordPiece
 from nanod2vlm.world import ensure_world
@@ -59,9 +59,7 @@ def answer(model, tok, wp, frames, times, question, max_new_tokens=2048, tempera
     whole seconds, </evi> kept: what the scorers read), `text`, that with notes for people, the grounding and
     answer spans in seconds, the captions and each <evi>'s details."""
     t0 = time.time()
-    ids = tok.prompt(question, ("<evi>",) if src else ())  # the question's <evi> are src's, or text
-    i = ids.index(tok.image_id)
-    ids = ids[:i] + [tok.image_id] * len(frames) + ids[i + 1:]  # one placeholder per frame
+    ids = tok.prompt(question, ("<evi>",) if src else (), len(frames))  # the question's <evi> are src's, or text
     room = model.cfg.max_pos - len(ids)
     if room < 1:
         raise InputError(f"the prompt takes {len(ids)} positions, the model has {model.cfg.max_pos}: ask a shorter "
@@ -100,12 +98,12 @@ def read_benchmark(path, videos=None):
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.json"))) if os.path.isdir(path) else [path]
     data = [r for f in files for r in _json(f)]
     if not data:
-        raise AnnotationError(f"{path}: no records to evaluate")
+        raise InputError(f"{path}: no records to evaluate")
     if "conversations" in data[0]:  # the synthetic world: its tasks are TVG, TAL, DVC and a free-answer GVQ
         return "world", [_world(r, i) for i, r in enumerate(read_annotations(path))], videos or os.path.dirname(path)
     kind = "youcook2" if "segments" in data[0] else "charades" if "timestamp" in data[0] else "etbench"
     if videos is None:
-        raise AnnotationError(f"{path}: {kind} records name videos relative to a folder: give it with --videos DIR")
+        raise InputError(f"{path}: {kind} records name videos relative to a folder: give it with --videos DIR")
     try:
         if kind == "youcook2":
             recs = [dict(task="dvc", source="youcook2", idx=i, video=a["image_id"], q=YOUCOOK2_Q, tgt=a["segments"],
@@ -116,12 +114,12 @@ def read_benchmark(path, videos=None):
         else:
             recs = [dict(r, idx=r.get("idx", i), video=r["video"], task=r["task"], q=r["q"]) for i, r in enumerate(data)]
             if any("<vid>" in r["q"] for r in recs):
-                raise AnnotationError(f"{path}: <vid> in q (E.T. Bench's vid style): give one <evi> per src interval")
+                raise InputError(f"{path}: <vid> in q (E.T. Bench's vid style): give one <evi> per src interval")
             if unknown := {r["task"] for r in recs} - set(SCORERS):
-                raise AnnotationError(f"{path}: tasks {sorted(unknown)} are none of E.T. Bench's {list(SCORERS)}")
+                raise InputError(f"{path}: tasks {sorted(unknown)} are none of E.T. Bench's {list(SCORERS)}")
     except (KeyError, TypeError, AttributeError) as e:
-        raise AnnotationError(f"{path}: not world, E.T. Bench or TimeIT (Charades-STA, YouCook2) records: a record "
-                              f"lacks or mistypes {e}") from None
+        raise InputError(f"{path}: not world, E.T. Bench or TimeIT (Charades-STA, YouCook2) records: a record "
+                         f"lacks or mistypes {e}") from None
     return kind, recs, videos
 
 
@@ -131,12 +129,12 @@ def _json(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
-        raise AnnotationError(f"{path}: annotation file not found ({e.strerror})") from None
+        raise InputError(f"{path}: annotation file not found ({e.strerror})") from None
     except ValueError as e:  # also a file that is not UTF-8
-        raise AnnotationError(f"{path}: not a JSON annotation file ({e})") from None
+        raise InputError(f"{path}: not a JSON annotation file ({e})") from None
     data = data["annotations"] if isinstance(data, dict) and "annotations" in data else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise AnnotationError(f'{path}: expected a list of records, or TimeIT\'s {{"annotations": [records]}}')
+        raise InputError(f'{path}: expected a list of records, or TimeIT\'s {{"annotations": [records]}}')
     return data
 
 
@@ -146,7 +144,7 @@ def _world(r, i):
     turns = {c["from"]: c["value"] for c in r["conversations"]}
     task, spans = WORLD_TASK.get(r.get("task", "single")), r["time_gt"]["interleaved_response"]
     if task is None:
-        raise AnnotationError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
+        raise InputError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
     said = turns["gpt"].split("</evi>")[-1]
     return dict(task=task, source="world", idx=i, video=r["video"], q=turns["human"].replace("<image>", "").strip(),
                 tgt=spans if task in ("tal", "dvc") else spans[0], g=[c.strip() for c in said.split("<evi>")[1:]],
@@ -183,12 +181,12 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
     by_key = {key(r): r for r in recs}
     if len(by_key) < len(recs):
-        raise AnnotationError(f"{path}: records share a (task, source, idx): give each its own idx")
+        raise InputError(f"{path}: records share a (task, source, idx): give each its own idx")
     parts = lambda: sorted(glob.glob(glob.escape(out) + ".rank*"))  # noqa: E731
     answered = lambda: {key(p): p for f in [out] + parts() for p in _lines(f)}  # noqa: E731
     done = answered()
     if any({f: v for f, v in p.items() if f != "a"} != by_key.get(k) for k, p in done.items()):
-        raise AnnotationError(f"{out}: holds predictions of other records than {path}'s; give another --out")
+        raise InputError(f"{out}: holds predictions of other records than {path}'s; give another --out")
     if world > 1:
         dist.barrier()  # every rank has read what is done before any of them writes
     todo = [r for r in recs if key(r) not in done][rank::world]

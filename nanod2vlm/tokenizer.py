@@ -5,7 +5,6 @@ sentencepiece *without* its dummy-prefix space, so every piece is encoded exactl
 decode(encode(text)) == text, also right after a special token (`</evi> The red square ...`).
 Note: HF's Phi-3 tokenizer adds a "▁" at the start of text (and after special tokens); we do not.
 """
-import hashlib
 import io
 import json
 import os
@@ -59,27 +58,20 @@ class Tokenizer:
         return cls(proto, special)
 
     @classmethod
-    def nano(cls, texts, cache_path, vocab_size=512):
-        """Train (once; cached at cache_path, reused while the texts and settings match its .json sidecar) a small
-        byte-fallback BPE sentencepiece model on `texts`, with the special tokens as single pieces."""
-        cache_path = Path(cache_path)
-        lines = [line for t in texts for line in t.split("\n") if line]
-        settings = dict(vocab_size=vocab_size, special=NANO_SPECIAL, model_type="bpe")
-        digest = hashlib.sha1(json.dumps([lines, settings]).encode()).hexdigest()
-        sidecar = cache_path.with_name(cache_path.name + ".json")
-        if not (cache_path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == {"sha1": digest}):
-            out = io.BytesIO()
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-                byte_fallback=True, user_defined_symbols=NANO_SPECIAL, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-                normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-                hard_vocab_limit=False, num_threads=1, minloglevel=2)  # 1 thread: deterministic
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            for file, data in ((cache_path, out.getvalue()), (sidecar, json.dumps({"sha1": digest}).encode())):
-                tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, file)
-        proto = cache_path.read_bytes()
+    def nano(cls, texts, path, vocab_size=512):
+        """Train a small byte-fallback BPE sentencepiece model on `texts`, with the special tokens as single pieces.
+        It is tiny, so every run trains it again (one thread: the same texts give the same bytes); it is written to
+        `path` unless that file already holds it."""
+        from nanod2vlm.checkpoint import write_atomic  # here: nanod2vlm.checkpoint imports this module
+        out = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(line for t in texts for line in t.split("\n") if line), model_writer=out,
+            vocab_size=vocab_size, model_type="bpe", byte_fallback=True, user_defined_symbols=NANO_SPECIAL, unk_id=0,
+            bos_id=-1, eos_id=-1, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=False, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        proto = out.getvalue()
+        if not (os.path.isfile(path) and Path(path).read_bytes() == proto):
+            write_atomic(path, proto)
         sp = spm.SentencePieceProcessor(model_proto=proto)
         return cls(proto, {s: sp.piece_to_id(s) for s in NANO_SPECIAL})  # the special tokens are pieces of it
 
@@ -99,29 +91,26 @@ class Tokenizer:
     def decode(self, ids):
         """Ids -> text. Ids that name no piece (the unused embedding rows past the vocabulary, e.g. Phi-3's
         32064 rows for ~32015 tokens, which a poorly trained model can still emit) decode to nothing."""
-        out, run = [], []
-        for i in [int(i) for i in ids] + [None]:
-            if i is None or i in self.special_str:
-                if run:
-                    out.append(self.sp.decode(run))
-                    run = []
-                if i is not None:
-                    out.append(self.special_str[i])
+        out, run = [], []  # run: the sentencepiece ids since the last special token
+        for i in map(int, ids):
+            if i in self.special_str:
+                out += [self.sp.decode(run), self.special_str[i]]
+                run = []
             elif 0 <= i < self.sp.get_piece_size():
                 run.append(i)
-        return "".join(out)
+        return "".join(out) + self.sp.decode(run)
 
-    def prompt(self, question, special=()):
-        """The generation prompt's ids for a question about the video ("<image>\\n" + question, as released): the
-        question is text but for the special tokens in `special` (E.T. Bench's <evi>, one per src interval), so
-        that <evi>, <image> or <|end|> typed by a user stay characters, not a reference, a frame or an end."""
-        head, tail = self.chat("<image>\0").split("\0")
-        return self.encode(head) + self.encode("\n" + question, special) + self.encode(tail)
+    def prompt(self, question, special=(), frames=1):
+        """The generation prompt's ids for a question about a video of `frames` frames ("<image>\\n" + question, as
+        released, with one <image> per frame): the question is text but for the special tokens in `special` (its
+        <evi>, one per src interval), so that <evi>, <image> or <|end|> typed by a user stay characters, not a
+        reference, a frame or an end. Training and answering both build their prompts here."""
+        head, tail = self.chat("\0").split("\0")
+        return self.encode(head) + [self.image_id] * frames + self.encode("\n" + question, special) + self.encode(tail)
 
-    def chat(self, question, answer=None):
-        """Phi-3's chat template (the released prompt); with answer=None, the generation prompt (ends after '<|assistant|>\\n')."""
-        prompt = f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n"
-        return prompt if answer is None else f"{prompt}{answer}<|end|>"
+    def chat(self, question):
+        """Phi-3's chat template (the released prompt), up to the answer: the generation prompt."""
+        return f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,8 +179,6 @@ class WordPiece:
         words = sorted({w for t in texts for w in basic_tokenize(t)})
         chars = sorted({c for w in words for c in w})
         tokens = dict.fromkeys(SPECIALS + words + chars + ["##" + c for c in chars])  # ordered, no duplicates
-        tmp = f"{vocab_file}.{os.getpid()}.tmp"  # then renamed: another process never reads half a vocab
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(t + "\n" for t in tokens))
-        os.replace(tmp, vocab_file)
+        from nanod2vlm.checkpoint import write_atomic  # here: nanod2vlm.checkpoint imports this module
+        write_atomic(vocab_file, "".join(t + "\n" for t in tokens))
         return cls(vocab_file)

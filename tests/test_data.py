@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nanod2vlm.data as data
-from nanod2vlm.data import (AnnotationError, ablate, FrameCache, VideoDataset, collate, frame_span, frame_targets,
+from nanod2vlm.data import (InputError, ablate, FrameCache, VideoDataset, collate, frame_span, frame_targets,
                             read_annotations)
 from nanod2vlm.tokenizer import Tokenizer
 from test_video import make_video
@@ -24,7 +24,7 @@ def test_all_malformed_records_reported_json_list(tmp_path):
     bad_dur, bad_count = record(duration=-1), record(answer="<evi> </evi> only one.")
     p = tmp_path / "ann.json"
     p.write_text(json.dumps([record(), bad_dur, record(), bad_count]))
-    with pytest.raises(AnnotationError) as e:
+    with pytest.raises(InputError) as e:
         read_annotations(p)
     msg = str(e.value)
     assert str(p) in msg and "record 1: 'duration'" in msg and "record 3: time_gt.evidence_grounding has 2" in msg
@@ -38,7 +38,7 @@ def test_all_malformed_records_reported_json_lines(tmp_path):
              json.dumps({**record(), "conversations": [{"from": "human", "value": "no image tag"}]})]
     p = tmp_path / "ann.jsonl"
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(AnnotationError) as e:
+    with pytest.raises(InputError) as e:
         read_annotations(p)
     msg = str(e.value)
     assert str(p) in msg and "3 malformed" in msg
@@ -50,7 +50,7 @@ def test_all_malformed_records_reported_json_lines(tmp_path):
 def test_a_frame_placeholder_in_the_answer_is_rejected(tmp_path):
     p = tmp_path / "ann.json"  # it would be embedded as a frame (D2VLM.embed) and attend both ways with the frames
     p.write_text(json.dumps([record(answer="<evi> <evi> </evi> <image> in <evi> and <evi>.")]))
-    with pytest.raises(AnnotationError, match="record 0: the gpt value contains <image>"):
+    with pytest.raises(InputError, match="record 0: the gpt value contains <image>"):
         read_annotations(p)
 
 
@@ -65,7 +65,7 @@ def test_a_single_interval_may_be_written_flat(tmp_path):
     assert got[1]["time_gt"] == record()["time_gt"]  # lists of intervals stay as they are
     flat["time_gt"]["interleaved_response"] = [11.3, 8.8]  # a flat pair is still checked like any interval
     p.write_text(json.dumps([flat]))
-    with pytest.raises(AnnotationError, match="interleaved_response must be a list of"):
+    with pytest.raises(InputError, match="interleaved_response must be a list of"):
         read_annotations(p)
 
 
@@ -85,7 +85,7 @@ def test_the_released_annotation_form_is_read_next_to_time_gt(tmp_path):
     bad = [released | dict(tgt=[1.0, 2.0, 3.5]), released | dict(src=[0, 1.5]), released | dict(src=[0, "1", 2, 5]),
            released | dict(tgt=[1.0, 2.0])]
     p.write_text(json.dumps(bad))
-    with pytest.raises(AnnotationError) as e:
+    with pytest.raises(InputError) as e:
         read_annotations(p)
     msg = str(e.value)
     assert "4 malformed" in msg and "record 0: 'tgt' must be a flat list [s1, e1, s2, e2, ...]" in msg

@@ -1,4 +1,4 @@
-"""Tokenizer: special tokens are single ids, text round-trips exactly, Phi-3 id layout, nano training cache."""
+"""Tokenizer: special tokens are single ids, text round-trips exactly, Phi-3 id layout, the nano model is deterministic."""
 import json
 
 import sentencepiece as spm
@@ -17,7 +17,7 @@ TEXTS = ["</evi> The red square appears in <evi>.",
 
 
 def check_round_trip(tok):
-    for t in TEXTS + [tok.chat("<image>\nWhere is the red square?", "<evi> </evi> In <evi>.")]:
+    for t in TEXTS + [tok.chat("<image>\nWhere is the red square?") + "<evi> </evi> In <evi>.<|end|>"]:
         assert tok.decode(tok.encode(t)) == t
     ids = tok.encode(TEXTS[0])  # no dummy-prefix space: any split of the ids decodes to the same text (streaming)
     assert all(tok.decode(ids[:k]) + tok.decode(ids[k:]) == TEXTS[0] for k in range(len(ids) + 1))
@@ -33,7 +33,7 @@ def test_nano_tokenizer(tmp_path):
     tok = Tokenizer.nano(WORLD, tmp_path / "tok.model", vocab_size=400)
     check_round_trip(tok)
     assert tok.vocab_size <= 400 and tok.pad_id == tok.special["<|endoftext|>"]
-    # the cached model is reused (not retrained) for the same texts, retrained for new ones
+    # the model file is rewritten only when the texts give another model: the same texts, the same bytes
     mtime = (tmp_path / "tok.model").stat().st_mtime_ns
     assert Tokenizer.nano(WORLD, tmp_path / "tok.model", vocab_size=400).encode(TEXTS[1]) == tok.encode(TEXTS[1])
     assert (tmp_path / "tok.model").stat().st_mtime_ns == mtime

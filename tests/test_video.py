@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanod2vlm.data import VideoError, normalize, read_video
+from nanod2vlm.data import InputError, normalize, read_video
 
 
 def make_video(path, times, levels, rate=30, codec="libx264", w=64, h=48, options=None):
@@ -125,9 +125,9 @@ def make_bad(kind, tmp_path):
 @pytest.mark.parametrize("kind, reason", [
     ("missing", "not found"), ("text", "cannot decode"), ("random", "cannot decode"), ("audio", "no video stream"),
     ("zero_frames", "no decodable video frames"), ("truncated", "cannot decode")])
-def test_bad_input_gives_video_error_naming_the_path(kind, reason, tmp_path):
+def test_bad_input_gives_an_input_error_naming_the_path(kind, reason, tmp_path):
     p = make_bad(kind, tmp_path)
-    with pytest.raises(VideoError) as e:
+    with pytest.raises(InputError) as e:
         read_video(p)
     assert str(p) in str(e.value) and reason in str(e.value) and isinstance(e.value, ValueError)
 
