@@ -15,6 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -85,13 +86,14 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
             t0 = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
             duration = container.duration / 1e6 if container.duration else None  # seconds, if the file says
             target = 0.0
+            scaler = VideoReformatter()
             for frame in container.decode(stream):
                 if frame.pts is None:
                     continue
                 t = float(frame.pts * frame.time_base) - t0
                 if t >= target - 1e-6:
                     if k % stride == 0:
-                        frames.append(_resize_crop(frame, size))
+                        frames.append(_resize_crop(frame, size, scaler))
                         times.append(t)
                     if len(frames) > 2 * max_frames:  # thin out: the kept ones are every (2 * stride)-th
                         frames, times, stride = frames[::2], times[::2], 2 * stride
@@ -109,14 +111,15 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
     return torch.stack([frames[i] for i in idx]), torch.tensor(times)[idx]
 
 
-def _resize_crop(frame, size):
+def _resize_crop(frame, size, scaler):
     """Short side -> size with swscale's bilinear filter (it widens with the scale factor, i.e. antialiased),
     then a center crop to size x size, turned by the display matrix's rotation (frame.rotation, degrees
-    counterclockwise). Returns uint8 (3, size, size)."""
+    counterclockwise). One `scaler` serves a whole video: swscale's context is then made once, not per frame (~6x
+    faster at 1 fps). Returns uint8 (3, size, size)."""
     w, h = frame.width, frame.height
     s = size / min(w, h)
     w2, h2 = max(size, round(w * s)), max(size, round(h * s))
-    x = frame.to_ndarray(width=w2, height=h2, format="rgb24", interpolation="BILINEAR")  # (h2, w2, 3)
+    x = scaler.reformat(frame, w2, h2, "rgb24", interpolation="BILINEAR").to_ndarray()  # (h2, w2, 3)
     top, left = (h2 - size) // 2, (w2 - size) // 2
     x = np.rot90(x[top:top + size, left:left + size], round(frame.rotation / 90))  # the crop is centred: turn it
     return torch.from_numpy(x.copy()).permute(2, 0, 1).contiguous()
