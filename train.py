@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanod2vlm.data import (FrameCache, InputError, VideoDataset, ablate, check_records, cli, collate, read_annotations,
-                            writable)
+                            turns, writable)
 from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
                                   save_checkpoint, write_atomic)
@@ -294,8 +294,8 @@ def main(argv):
     held_out = os.path.join(t.data, "test.json")
     probe = None
     if t.config == "nano" and os.path.exists(held_out):
-        probe = VideoDataset(held_out, tok, wp.encode, cache, records=[ablate(read_annotations(held_out)[0], cfg)],
-                             **video)[0]
+        rec = ablate(read_annotations(held_out)[0], cfg)
+        probe = dict(VideoDataset(held_out, tok, wp.encode, cache, records=[rec], **video)[0], record=rec)
     probe_at = {0, t.steps // 16, t.steps // 8, t.steps // 4, t.steps // 2, t.steps}
     model.to(dev)
     if dev != "cpu":  # Phi-3's frozen weights in bf16 (the ViT keeps fp32); everything runs under bf16 autocast there
@@ -407,10 +407,11 @@ def plot_learning(history, probes, probe, path):
     if probe:
         for i, (step, p) in enumerate(probes):
             bx.plot(probe["times"], p, color=plt.cm.viridis(i / max(1, len(probes) - 1)), lw=1.2, label=f"step {step}")
-        bx.axvspan(*probe["meta"]["time_gt"]["evidence_grounding"][0], color="tab:green", alpha=0.2, label="ground truth")
-        question = probe["meta"]["conversations"][0]["value"].replace("<image>\n", "")
+        bx.axvspan(*probe["record"]["time_gt"]["evidence_grounding"][0], color="tab:green", alpha=0.2,
+                   label="ground truth")
+        question = turns(probe["record"])["human"].replace("<image>\n", "")
         bx.set(xlabel="seconds", ylabel="sigmoid(sim) of the first <evi>", ylim=(0, 1.05),
-               title=f"held-out {probe['meta']['video']}: {question}")
+               title=f"held-out {probe['record']['video']}: {question}")
         bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
