@@ -110,8 +110,7 @@ def fpo_step_loss(logits, sim, f_evi, b, beta=0.1, w_gnd=10.0, w_cons=10.0):
     """The released FPO objective: Eq. (2)'s SFT terms on the chosen responses (the first half of the batch) plus
     Eq. (4) over the whole chosen and rejected responses -> (loss, parts)."""
     n = len(b["labels"]) // 2
-    valid = evi_valid(b)
-    logp = log_pi(logits, b["labels"], sim, b["evi_y"], valid, b["evi_b"])
+    logp = log_pi(logits, b["labels"], sim, b["evi_y"], evi_valid(b), b["evi_b"])
     pref = fpo_loss(logp[:n], logp[n:], beta)
     sft, parts = sft_loss(logits, sim, f_evi, b, w_gnd, w_cons, rows=n)
     return sft + pref, dict(parts, fpo=pref.item(), margin=(logp[:n] - logp[n:]).mean().item())

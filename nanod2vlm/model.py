@@ -83,8 +83,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
@@ -140,12 +139,11 @@ class MLP(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A dropout(x). Owns the wrapped `weight`, so `...qkv_proj.weight` still loads;
-    B starts at zero, so a fresh adapter leaves the model unchanged."""
+    """y = W x + (alpha / r) B A dropout(x), on a bias-free nn.Linear (Phi-3 has no biases). Owns the wrapped
+    `weight`, so `...qkv_proj.weight` still loads; B starts at zero, so a fresh adapter leaves the model unchanged."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout):
         super().__init__()
-        assert base.bias is None, "Phi-3 linears have no bias"
         self.weight = base.weight  # (out, in), the same Parameter
         self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r))
@@ -163,11 +161,10 @@ class LoRALinear(nn.Module):
 
 def add_lora(model, cfg):
     """Wrap every nn.Linear whose name ends in one of cfg.lora_targets with a LoRALinear (in place)."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.endswith(tuple(cfg.lora_targets))]
-    for name, m in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+    for name, m in list(model.named_modules()):  # a list: the loop replaces modules
+        if isinstance(m, nn.Linear) and name.endswith(tuple(cfg.lora_targets)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
     return model
 
 
@@ -321,7 +318,8 @@ class QFormer(nn.Module):
             QFormerLayer(cfg, i % 2 == 0) for i in range(cfg.qf_layers))))  # InstructBLIP's cross_attention_frequency
 
     def forward(self, query, q_ids, q_valid, img):
-        e, n_query = self.embeddings, query.size(1)
+        e = self.embeddings
+        n_query = query.size(1)
         text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
         x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
         mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
@@ -521,13 +519,12 @@ class D2VLM(nn.Module):
         <evi> (sample src_b, position src_pos) plus the mean of F_V over its frames src_span (as released); and each
         frame's position (B, T). A sample's placeholders are one run (data.py, eval.answer): position start + t holds
         frame t. Gathers of fixed shapes, so torch.compile traces them; padding frames point at some other position."""
-        B, T = F_V.shape[:2]
+        T = F_V.shape[1]
         L = ids.shape[1]
         frm = ids == self.cfg.image_id
         start = frm.int().argmax(1, keepdim=True)  # the first placeholder
-        rows = torch.arange(B, device=ids.device)[:, None]
         frame_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
-        x = torch.where(frm[..., None], F_V[rows, frame_at], self.llm.model.embed_tokens(ids))
+        x = torch.where(frm[..., None], F_V.take_along_dim(frame_at[..., None], 1), self.llm.model.embed_tokens(ids))
         src = pool(F_V[src_b], src_span)
         x = x.index_put((src_b, src_pos), src.to(x.dtype), accumulate=True)
         return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
@@ -551,9 +548,8 @@ class D2VLM(nn.Module):
         r = b["resp_b"]  # the prompt of each response
         cache = Cache(rows=r)
         out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer))
-        rows = torch.arange(len(frm_pos), device=x.device)[:, None]
-        f_frm = self.frm_head(h_p[rows, frm_pos])  # (B, T, C)
-        F_cap = cap_p[rows, frm_pos]  # F~_V (B, T, C)
+        f_frm = self.frm_head(h_p.take_along_dim(frm_pos[..., None], 1))  # (B, T, C)
+        F_cap = cap_p.take_along_dim(frm_pos[..., None], 1)  # F~_V (B, T, C)
         # 2. The response pass. Visual semantic capture (Sec. 3.2): each <evi> input is its embedding plus the mean
         # of F~_V over its interval (the ground truth's here; at inference the one its similarities pick).
         xr = self.llm.model.embed_tokens(b["resp"])
