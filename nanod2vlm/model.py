@@ -37,6 +37,7 @@ class Config:
     qf_heads: int = 4
     qf_mlp: int = 256
     qf_queries: int = 4
+    qf_cross_every: int = 2
     qf_vocab: int = 512        # WordPiece vocabulary of the question text fed to the Q-Former
     qf_max_pos: int = 512
     # LoRA on the decoder (r = 0: no LoRA, every weight trains, as the nano model does from scratch)
@@ -306,7 +307,7 @@ class QFormerLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """InstructBLIP's BERT Q-Former (cross-attention in layers 0, 2, 4, ...); returns the query outputs."""
+    """InstructBLIP's BERT Q-Former (cross-attention in layers 0, qf_cross_every, ...); returns the query outputs."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -315,7 +316,7 @@ class QFormer(nn.Module):
                                              position_embeddings=nn.Embedding(cfg.qf_max_pos, W),
                                              layernorm=nn.LayerNorm(W, eps=1e-12)))
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
-            QFormerLayer(cfg, i % 2 == 0) for i in range(cfg.qf_layers))))  # InstructBLIP's cross_attention_frequency
+            QFormerLayer(cfg, i % cfg.qf_cross_every == 0) for i in range(cfg.qf_layers))))
 
     def forward(self, query, q_ids, q_valid, img):
         e = self.embeddings
@@ -525,8 +526,7 @@ class D2VLM(nn.Module):
         start = frm.int().argmax(1, keepdim=True)  # the first placeholder
         frame_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
         x = torch.where(frm[..., None], F_V.take_along_dim(frame_at[..., None], 1), self.llm.model.embed_tokens(ids))
-        src = pool(F_V[src_b], src_span)
-        x = x.index_put((src_b, src_pos), src.to(x.dtype), accumulate=True)
+        x = x.index_put((src_b, src_pos), pool(F_V[src_b], src_span).to(x.dtype), accumulate=True)
         return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
 
     def forward(self, b):

@@ -48,7 +48,7 @@ def test_full_vision_tower_has_one_billion_parameters():
 
 
 def _tiny_qformer_pair():
-    cfg = replace(CONFIGS["nano"], qf_width=32, qf_heads=4, qf_mlp=48, qf_layers=3,
+    cfg = replace(CONFIGS["nano"], qf_width=32, qf_heads=4, qf_mlp=48, qf_layers=3, qf_cross_every=2,
                   qf_vocab=50, qf_max_pos=20, vit_width=24)
     hf_cfg = transformers.InstructBlipQFormerConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
