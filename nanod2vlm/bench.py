@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nanod2vlm.checkpoint import load_phi3
 from nanod2vlm.data import collate, read_video
 from nanod2vlm.loss import L_gnd, L_sft, evi_valid
-from nanod2vlm.model import CONFIGS, D2VLM, Block, Config, KVCache, add_lora, build_mask, cast_frozen, \
+from nanod2vlm.model import CONFIGS, D2VLM, Block, Cache, Config, add_lora, build_mask, cast_frozen, \
     head, mark_trainable, rope_cos_sin, span_of
 
 ROWS = []  # (name, value, unit, target, PASS/FAIL or "")
@@ -137,9 +137,7 @@ def bench_evi(args):
     print(f"evi: C={C} heads={cfg.n_head} mlp={cfg.n_mlp} vocab={cfg.vocab_size}, {T} frames, KV cache {ctx}, fp32; "
           f"decoder step = {cfg.n_layer} x one layer + lm_head")
     block, lm_head, evi_head, frm_head = Block(cfg), torch.nn.Linear(C, cfg.vocab_size, bias=False), head(C), head(C)
-    cache = KVCache(1, 1, cfg.n_head, ctx + 1, hd, torch.float32, "cpu")
-    cache.k.normal_(), cache.v.normal_()
-    cache.n = ctx  # Block does not advance n, so every repeat decodes position ctx again
+    kv = {0: (torch.randn(1, cfg.n_head, ctx, hd), torch.randn(1, cfg.n_head, ctx, hd))}  # ctx cached keys, values
     x, mask = torch.randn(1, 1, C), torch.ones(1, 1, 1, ctx + 1, dtype=torch.bool)
     h_frames, F_V = torch.randn(T, C), torch.randn(T, C)
     f_frm = frm_head(h_frames)
@@ -148,7 +146,7 @@ def bench_evi(args):
         sim = (f_frm @ evi_head(x[0, -1])).float() / math.sqrt(C)
         s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
         return F_V[s:t + 1].mean(0)
-    layer = lambda: block(x, *rope_cos_sin(torch.tensor([[ctx]]), hd, cfg.rope_theta, x.dtype), mask, cache, 0)
+    layer = lambda: block(x, *rope_cos_sin(torch.tensor([[ctx]]), hd, cfg.rope_theta, x.dtype), mask, Cache(kv=kv), 0)
     fns = [layer, lambda: lm_head(x), evi, lambda: frm_head(h_frames)]
     t_layer, t_head, t_evi, t_frm = side_by_side(fns, args.steps)
     t_step = cfg.n_layer * t_layer + t_head

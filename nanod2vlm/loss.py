@@ -63,18 +63,17 @@ def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=Fa
     """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the first `rows` responses (default: all) ->
     (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3). Each term is pooled over the
     batch's tokens / <evi> / pairs (the released code averages per sample, at batch 1: the same there)."""
-    keep = torch.ones(len(b["evi_b"]), dtype=torch.bool, device=sim.device) if rows is None else b["evi_b"] < rows
-    logits, labels = (logits, b["labels"]) if rows is None else (logits[:rows], b["labels"][:rows])
-    sel = {k: b[k][keep] for k in ("evi_b", "evi_k", "evi_stage")}
+    labels = b["labels"][:rows]
+    keep = b["evi_b"] < len(labels)  # the <evi> of those responses
     valid = evi_valid(b)[keep]
-    l_sft = L_sft(logits, labels)
+    l_sft = L_sft(logits[:rows], labels)
     if match:
         l_gnd = L_match(sim[keep], b["evi_span"][keep][:, 0], valid)
     else:
         l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid)
-    i1, i2 = cons_pairs(sel)
-    f = f_evi[keep]
-    l_cons = L_cons(f[i1], f[i2]) if len(i1) else sim.sum() * 0
+    i1, i2 = cons_pairs(b)
+    pair = keep[i1]  # a pair's two <evi> share a response: the pairs of those responses
+    l_cons = L_cons(f_evi[i1[pair]], f_evi[i2[pair]]) if pair.any() else sim.sum() * 0
     loss = l_sft + w_gnd * l_gnd + w_cons * l_cons  # Eq. (2)
     return loss, dict(sft=l_sft.item(), gnd=l_gnd.item(), cons=l_cons.item())
 
@@ -111,8 +110,7 @@ def fpo_step_loss(logits, sim, f_evi, b, beta=0.1, w_gnd=10.0, w_cons=10.0):
     """The released FPO objective: Eq. (2)'s SFT terms on the chosen responses (the first half of the batch) plus
     Eq. (4) over the whole chosen and rejected responses -> (loss, parts)."""
     n = len(b["labels"]) // 2
-    valid = evi_valid(b)
-    logp = log_pi(logits, b["labels"], sim, b["evi_y"], valid, b["evi_b"])
+    logp = log_pi(logits, b["labels"], sim, b["evi_y"], evi_valid(b), b["evi_b"])
     pref = fpo_loss(logp[:n], logp[n:], beta)
     sft, parts = sft_loss(logits, sim, f_evi, b, w_gnd, w_cons, rows=n)
     return sft + pref, dict(parts, fpo=pref.item(), margin=(logp[:n] - logp[n:]).mean().item())

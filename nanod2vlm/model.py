@@ -64,14 +64,11 @@ class Config:
     max_frames: int = 350
 
 
-CONFIGS = {
-    "nano": Config(),
-    "full": Config(
-        vocab_size=32064, n_embd=3072, n_layer=32, n_head=32, n_mlp=8192,
-        img_size=224, patch=14, vit_width=1408, vit_layers=39, vit_heads=16, vit_mlp=6144,
-        qf_width=768, qf_layers=12, qf_heads=12, qf_mlp=3072, qf_queries=32, qf_vocab=30523,
-        lora_r=128, lora_alpha=256.0, lora_dropout=0.05, capture_layer=6),
-}
+CONFIGS = {"nano": Config(),
+           "full": Config(vocab_size=32064, n_embd=3072, n_layer=32, n_head=32, n_mlp=8192,
+                          img_size=224, patch=14, vit_width=1408, vit_layers=39, vit_heads=16, vit_mlp=6144,
+                          qf_width=768, qf_layers=12, qf_heads=12, qf_mlp=3072, qf_queries=32, qf_vocab=30523,
+                          lora_r=128, lora_alpha=256.0, lora_dropout=0.05, capture_layer=6)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,8 +84,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(pos, head_dim, theta, dtype):
@@ -105,8 +101,14 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def attend(q, k, v, n_head, mask=None):
+    """Multi-head attention of q (B, Lq, C) over k, v (B, Lk, C'), heads split off the channels -> (B, Lq, C)."""
+    q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=n_head) for t in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h l d -> b l (h d)")
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv_proj (rows: all q heads, then k, then v), no biases."""
+    """Phi-3's multi-head self-attention with a fused qkv_proj (rows: all q heads, then k, then v), no biases."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -138,17 +140,14 @@ class MLP(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = W x + (alpha / r) B A dropout(x). Owns the wrapped `weight`, so `...qkv_proj.weight` still loads;
-    B starts at zero, so a fresh adapter leaves the model unchanged."""
+    """y = W x + (alpha / r) B A dropout(x), on a bias-free nn.Linear (Phi-3 has no biases). Owns the wrapped
+    `weight`, so `...qkv_proj.weight` still loads; B starts at zero, so a fresh adapter leaves the model unchanged."""
 
-    def __init__(self, base, r, alpha, dropout=0.0):
+    def __init__(self, base, r, alpha, dropout):
         super().__init__()
-        assert base.bias is None, "Phi-3 linears have no bias"
         self.weight = base.weight  # (out, in), the same Parameter
-        out_f, in_f = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, in_f, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(out_f, r, **kw))
+        self.lora_A = nn.Parameter(base.weight.new_empty(r, base.in_features))
+        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in peft
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
@@ -163,11 +162,10 @@ class LoRALinear(nn.Module):
 
 def add_lora(model, cfg):
     """Wrap every nn.Linear whose name ends in one of cfg.lora_targets with a LoRALinear (in place)."""
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.endswith(tuple(cfg.lora_targets))]
-    for name, m in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+    for name, m in list(model.named_modules()):  # a list: the loop replaces modules
+        if isinstance(m, nn.Linear) and name.endswith(tuple(cfg.lora_targets)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
     return model
 
 
@@ -195,7 +193,6 @@ def cast_frozen(model, dtype):
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,10 +213,8 @@ class EVAAttention(nn.Module):
 
     def forward(self, x):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_head)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, -1)
+        return self.proj(attend(q, k, v, self.n_head))
 
 
 class EVABlock(nn.Module):
@@ -243,10 +238,10 @@ class EVAViT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        n_patches = (cfg.img_size // cfg.patch) ** 2
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, cfg.vit_width, cfg.patch, stride=cfg.patch)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_width))
-        self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.vit_width) * 0.02)
+        # one position per patch, and the CLS token's
+        self.pos_embed = nn.Parameter(torch.randn(1, (cfg.img_size // cfg.patch) ** 2 + 1, cfg.vit_width) * 0.02)
         self.blocks = nn.ModuleList(EVABlock(cfg) for _ in range(cfg.vit_layers))
 
     def forward(self, images):  # (N, 3, S, S) CLIP-normalised
@@ -282,9 +277,8 @@ class BertAttention(nn.Module):
 
     def forward(self, x, kv, mask=None):
         a = self.attention
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_head)  # noqa: E731
-        y = F.scaled_dot_product_attention(heads(a.query(x)), heads(a.key(kv)), heads(a.value(kv)), attn_mask=mask)
-        return self.output.LayerNorm(x + self.output.dense(rearrange(y, "b h t d -> b t (h d)")))
+        y = attend(a.query(x), a.key(kv), a.value(kv), self.n_head, mask)
+        return self.output.LayerNorm(x + self.output.dense(y))
 
 
 def _ffn(x, intermediate, output):
@@ -325,7 +319,8 @@ class QFormer(nn.Module):
             QFormerLayer(cfg, i % cfg.qf_cross_every == 0) for i in range(cfg.qf_layers))))
 
     def forward(self, query, q_ids, q_valid, img):
-        e, n_query = self.embeddings, query.size(1)
+        e = self.embeddings
+        n_query = query.size(1)
         text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
         x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
         mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
@@ -361,57 +356,38 @@ class FrameCompressor(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The Phi-3 decoder
 
-def build_mask(valid, frm=None, n_query=None):
-    """Attention mask (B, 1, Lq, Lk), True = may attend, for the last n_query (default all) of Lk positions.
-
-    valid (B, Lk) bool: not padding, over every key (cached ones included); frm (B, Lk) bool: frame positions.
-    Rule: (causal OR (frm_i AND frm_j)) AND valid_j: frame tokens see each other both ways (official
+def build_mask(valid, frm=None):
+    """Attention mask (B, 1, L, L), True = may attend. valid (B, L) bool: not padding; frm (B, L) bool: frame
+    positions. Rule: (causal OR (frm_i AND frm_j)) AND valid_j: frame tokens see each other both ways (as released,
     `bi_attention`), everything else is causal. Each row also sees itself, so padding rows never give NaN.
-    Decode step: build_mask(valid_so_far_plus_new, n_query=1) -> (B, 1, 1, Lk)."""
-    B, Lk = valid.shape
-    Lq = Lk if n_query is None else n_query
-    i = torch.arange(Lk - Lq, Lk, device=valid.device)[:, None]  # query index among the keys
-    j = torch.arange(Lk, device=valid.device)[None, :]
-    mask = (j <= i)[None]  # (1, Lq, Lk)
+    A pass over the last n positions, with the ones before it cached, takes the last n rows."""
+    t = torch.arange(valid.shape[1], device=valid.device)
+    mask = (t[None, :] <= t[:, None])[None]  # causal (1, L, L)
     if frm is not None:
-        mask = mask | (frm[:, -Lq:, None] & frm[:, None, :])
-    mask = (mask & valid[:, None, :]) | (j == i)[None]
-    return mask[:, None]  # (B, 1, Lq, Lk)
+        mask = mask | (frm[:, :, None] & frm[:, None, :])
+    mask = (mask & valid[:, None, :]) | torch.eye(len(t), dtype=torch.bool, device=valid.device)
+    return mask[:, None]
 
 
-class KVCache:
-    """Preallocated keys/values of every layer, (B, nh, max_len, hd) each; n = positions filled so far."""
+class Cache:
+    """Each layer's keys and values so far, (B, nh, L, hd). A pass attends over them and its own, and appends its
+    own: generation's prefill stores the prompt's, each decode step appends one token's; training's prompt pass
+    stores the prompt's, in the autograd graph, and the response pass attends over them (the prompt's gradients
+    flow back through them). `rows` picks, for each sequence of the later pass, the cached one it continues (FPO:
+    a chosen and a rejected response share one prompt pass). `kv`: what it starts with (bench.py times one decode
+    step over a given cache)."""
 
-    def __init__(self, n_layer, B, n_head, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(n_layer, B, n_head, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.n = 0
-
-    def update(self, layer, k, v):
-        """Write the new (B, nh, L, hd) keys/values after the n cached ones; return all n + L of them.
-        Phi3.forward advances n once every layer has written."""
-        end = self.n + k.size(2)
-        if end > self.k.size(3):
-            raise ValueError(f"KV cache is full: {end} positions > max_len {self.k.size(3)}; make a bigger one")
-        self.k[layer, :, :, self.n:end] = k
-        self.v[layer, :, :, self.n:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-class PromptCache:
-    """Training's cache: each layer's prompt keys/values as computed, in the autograd graph, so the response pass
-    attends over them (and the prompt's gradients flow back through them). `rows` picks, for each response, the
-    prompt it answers (FPO: a chosen and a rejected response share one prompt pass)."""
-
-    def __init__(self, rows):
-        self.kv, self.rows, self.n = {}, rows, 0  # n: the positions cached, as Phi3.forward counts them
+    def __init__(self, rows=slice(None), kv=()):
+        self.kv = dict(kv)  # layer -> (keys, values)
+        self.rows = rows
 
     def update(self, layer, k, v):
-        if layer not in self.kv:  # the first pass (the prompt's) stores
-            self.kv[layer] = (k, v)
-            return k, v
-        pk, pv = self.kv[layer]  # the response pass appends its own keys/values to the prompt's
-        return torch.cat([pk[self.rows], k], 2), torch.cat([pv[self.rows], v], 2)
+        """Append the new keys/values (B, nh, L, hd) of `layer`; return all of them."""
+        if layer in self.kv:
+            k = torch.cat([self.kv[layer][0][self.rows], k], 2)
+            v = torch.cat([self.kv[layer][1][self.rows], v], 2)
+        self.kv[layer] = (k, v)
+        return k, v
 
 
 class Block(nn.Module):
@@ -433,32 +409,23 @@ class Phi3(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            norm=RMSNorm(cfg.n_embd, cfg.rms_eps)))
+        self.model = nn.ModuleDict(dict(embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                                        layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                                        norm=RMSNorm(cfg.n_embd, cfg.rms_eps)))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def forward(self, x, pos, mask, cache=None, keep=()):
         """x (B, L, C) input embeddings (the caller embeds ids and may edit them); pos (B, L) long RoPE
         positions; mask (B, 1, L, Lk) bool (see build_mask), or None to let every query see every key (a decode
-        step over an unpadded cache: no mask to build, and the faster SDPA path); cache: KVCache, PromptCache or
-        None. Returns the final-norm output (B, L, C) (logits = lm_head of it, where they are needed) and the
-        hidden states named by `keep`, numbered as HF's hidden_states (0: the input, i: the output of block i)."""
+        step over an unpadded cache: no mask to build, and the faster SDPA path); cache: a Cache or None. Returns
+        the final-norm output (B, L, C) (logits = lm_head of it, where they are needed) and the hidden states named
+        by `keep`, numbered as HF's hidden_states (0: the input, i: the output of block i, -1: of the last)."""
         cos, sin = rope_cos_sin(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
-        keep = [i % (self.cfg.n_layer + 1) for i in keep]
-        hs = {0: x}
+        hs = [x]
         for layer, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, layer)
-            hs[layer + 1] = x
-        if cache is not None:
-            cache.n += x.size(1)
+            hs.append(x)
         return self.model.norm(x), [hs[i] for i in keep]
-
-    def new_cache(self, B, max_len, dtype=None, device=None):
-        w = self.lm_head.weight
-        c = self.cfg
-        return KVCache(c.n_layer, B, c.n_head, max_len, c.n_embd // c.n_head, dtype or w.dtype, device or w.device)
 
     @torch.no_grad()
     def generate(self, x, max_new_tokens, end_id=None, frm=None, keep=(), embed=None, temperature=0.0, seed=0,
@@ -467,19 +434,23 @@ class Phi3(nn.Module):
         x (1, L, C) (frame positions frm (1, L) see each other both ways) into a KV cache, then one token at a time
         -> the new ids, up to and including end_id.
         Greedy, or sampled at `temperature`. penalty: HF's repetition penalty (a logit < 0 is multiplied by it, else
-        divided, once per id) on the ids in `seen` and on every generated id but those in `exempt`.
-        embed(token, hs) -> the token's next input (1, 1, C), given the kept states `hs` of the forward that
-        predicted it (the whole prompt for the first token); default: the token's embedding."""
-        L, dev = x.shape[1], x.device
-        cache = self.new_cache(1, L + max_new_tokens, x.dtype, dev)
-        mask = build_mask(torch.ones(1, L, dtype=torch.bool, device=dev), frm)
-        out, hs = self(x, torch.arange(L, device=dev)[None], mask, cache, keep)
+        divided, once per id) on the ids in `seen` and on every generated id, but never on those in `exempt`.
+        embed(ids, hs) -> the next input (1, 1, C) for the token just generated, ids[-1], given the kept states `hs`
+        of the forward that predicted it (the whole prompt's for the first token); default: the token's embedding."""
+        dev = x.device
+        cache = Cache()
+        pos = torch.arange(x.shape[1], device=dev)[None]
+        mask = build_mask(torch.ones_like(pos, dtype=torch.bool), frm)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        seen, ids = set(seen) - set(exempt), []
-        for i in range(max_new_tokens):
+        seen = set(seen)
+        ids = []
+        for _ in range(max_new_tokens):
+            # forward what the cache lacks: the whole prompt first (the prefill), then the newest token
+            out, hs = self(x, pos, mask, cache, keep)
+            # the next token, from the last position's logits
             logits = self.lm_head(out[0, -1]).float()
-            if penalty != 1.0 and seen:
-                j = torch.tensor(sorted(seen), device=dev)
+            if penalty != 1.0:
+                j = torch.tensor(sorted(seen - set(exempt)), dtype=torch.long, device=dev)
                 logits[j] = torch.where(logits[j] < 0, logits[j] * penalty, logits[j] / penalty)
             if temperature > 0:
                 nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=gen).item()
@@ -488,13 +459,11 @@ class Phi3(nn.Module):
             ids.append(nxt)
             if nxt == end_id:
                 break
-            if nxt not in exempt:
-                seen.add(nxt)
-            e = embed(nxt, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]  # a last <evi> grounds too
-            if i == max_new_tokens - 1:
-                break
-            # mask None: the new token sees every cached one
-            out, hs = self(e, torch.tensor([[L + i]], device=dev), None, cache, keep)
+            seen.add(nxt)
+            # its input for the next step (D2VLM grounds an <evi> here, so one as the last allowed token still grounds)
+            x = embed(ids, hs) if embed else self.model.embed_tokens.weight[nxt][None, None]
+            pos = pos[:, -1:] + 1
+            mask = None  # a single new token sees every cached one: no mask to build, and SDPA's faster path
         return ids
 
 
@@ -508,20 +477,15 @@ def head(H):
 
 def span_of(p, threshold=0.6):
     """Inference rule (released code; the paper's supplementary Tab. 3 compares thresholds 0.4-0.8): frames with
-    p >= threshold * max(p) are salient; each contiguous run of
-    salient frames is a group, scored by its mean p; the best group is the event. Inclusive frame indices. On an
-    exact tie of means the released code's span runs from the first tied group to the last."""
-    on = (p >= threshold * p.max()).tolist() + [False]
-    groups, start = [], None
-    for t, salient in enumerate(on):
-        if salient and start is None:
-            start = t
-        elif not salient and start is not None:
-            groups.append((p[start:t].mean().item(), start, t - 1))
-            start = None
-    best = max(g[0] for g in groups)
-    tied = [g for g in groups if g[0] == best]
-    return tied[0][1], tied[-1][2]
+    p >= threshold * max(p) are salient; each contiguous run of salient frames is a group, scored by its mean p; the
+    best group is the event. Inclusive frame indices. On an exact tie of means the released code's span runs from
+    the first tied group to the last."""
+    step = F.pad((p >= threshold * p.max()).int(), (1, 1)).diff()  # +1 where a group starts, -1 after it ends
+    starts = (step == 1).nonzero()[:, 0]
+    ends = (step == -1).nonzero()[:, 0] - 1
+    means = torch.stack([p[s:e + 1].mean() for s, e in zip(starts, ends)])
+    tied = (means == means.max()).nonzero()[:, 0]
+    return int(starts[tied[0]]), int(ends[tied[-1]])
 
 
 def pool(states, spans):
@@ -551,57 +515,63 @@ class D2VLM(nn.Module):
         tok = self.compressor(x, q_ids[b], q_valid[b])
         return tok.new_zeros(*frm_valid.shape, tok.shape[-1]).index_put((b, t), tok)
 
-    def embed(self, ids, F_V):
-        """Input embeddings with F_V in place of the frame placeholders -> x (B, L, C) and each frame's position
-        (B, T). A sample's placeholders are one run (data.py, eval.answer): position start + t holds frame t.
-        Gathers of fixed shapes, so torch.compile traces them; padding frames point at some other position."""
-        B, T = F_V.shape[:2]
+    def embed(self, ids, F_V, src_b, src_pos, src_span):
+        """The prompt's input embeddings x (B, L, C): F_V in place of the frame placeholders, and each question-side
+        <evi> (sample src_b, position src_pos) plus the mean of F_V over its frames src_span (as released); and each
+        frame's position (B, T). A sample's placeholders are one run (data.py, eval.answer): position start + t holds
+        frame t. Gathers of fixed shapes, so torch.compile traces them; padding frames point at some other position."""
+        T = F_V.shape[1]
         L = ids.shape[1]
         frm = ids == self.cfg.image_id
         start = frm.int().argmax(1, keepdim=True)  # the first placeholder
-        rows = torch.arange(B, device=ids.device)[:, None]
         frame_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
-        x = torch.where(frm[..., None], F_V[rows, frame_at], self.llm.model.embed_tokens(ids))
+        x = torch.where(frm[..., None], F_V.take_along_dim(frame_at[..., None], 1), self.llm.model.embed_tokens(ids))
+        x = x.index_put((src_b, src_pos), pool(F_V[src_b], src_span).to(x.dtype), accumulate=True)
         return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
 
     def forward(self, b):
         """Teacher-forced pass (Sec. 3.2) over the batch of data.collate -> logits (N, R, vocab), where logits[n, j]
         predicts response token j; sim (K, T), the frame logits of every response <evi>; F_<evi> (K, C)."""
         cfg = self.cfg
+        # The prompt: the compressor's one token per frame, F_V (Sec. 3.1), in place of the frame placeholders, and
+        # the question's text tokens F_Q; a question-side <evi> (an input interval) gets the mean of F_V over it.
         F_V = self.frame_tokens(b["frames"], b["frm_valid"], b["q_ids"], b["q_valid"])
-        x, frm_pos = self.embed(b["ids"], F_V)
-        # a question-side <evi> (an input interval) gets the mean of F_V over it, as released
-        src = pool(F_V[b["src_b"]], b["src_span"])
-        x = x.index_put((b["src_b"], b["src_pos"]), src.to(x.dtype), accumulate=True)
+        x, frm_pos = self.embed(b["ids"], F_V, b["src_b"], b["src_pos"], b["src_span"])
         # 1. The prompt pass. Its states do not depend on the response: the frame states of layer capture_layer
         # (F~_V) and evi_layer (for frm_head), and its keys/values, which the response pass attends to. (The released
         # code runs a first pass over the prompt, then a full pass over prompt and response: the same values and, up
-        # to LoRA dropout drawn twice there, the same gradients, with the prompt computed twice.)
+        # to LoRA dropout drawn twice there, the same gradients, with the prompt computed twice.) Frames see each
+        # other both ways; the text is causal.
         valid = b["valid"]
         pos = (valid.long().cumsum(1) - 1).clamp(min=0)
         mask = build_mask(valid, b["ids"] == cfg.image_id)
         r = b["resp_b"]  # the prompt of each response
-        cache = PromptCache(rows=r)
+        cache = Cache(rows=r)
         out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer))
-        rows = torch.arange(len(frm_pos), device=x.device)[:, None]
-        f_frm = self.frm_head(h_p[rows, frm_pos])  # (B, T, C)
-        F_cap = cap_p[rows, frm_pos]  # F~_V (B, T, C)
-        # 2. The response pass: each <evi> input gets the mean of F~_V over its interval (visual semantic capture)
+        f_frm = self.frm_head(h_p.take_along_dim(frm_pos[..., None], 1))  # (B, T, C)
+        F_cap = cap_p.take_along_dim(frm_pos[..., None], 1)  # F~_V (B, T, C)
+        # 2. The response pass. Visual semantic capture (Sec. 3.2): each <evi> input is its embedding plus the mean
+        # of F~_V over its interval (the ground truth's here; at inference the one its similarities pick).
         xr = self.llm.model.embed_tokens(b["resp"])
+        video = r[b["evi_b"]]  # the prompt (video) of each <evi>
         if cfg.evi_capture:
-            pooled = pool(F_cap[r[b["evi_b"]]], b["evi_span"])
+            pooled = pool(F_cap[video], b["evi_span"])
             xr = xr.index_put((b["evi_b"], b["evi_pos"]), pooled.to(xr.dtype), accumulate=True)
+        # Response token j sits at position n_prompt + j and sees its prompt (the cache, through rows) and, causally,
+        # the response: the last R rows of the mask over prompt + response.
         n_prompt = valid.sum(1)[r]  # (N,)
         R = xr.shape[1]
         pos_r = n_prompt[:, None] + torch.arange(R, device=x.device)
-        mask_r = build_mask(torch.cat([valid[r], b["resp_valid"]], 1), n_query=R)
+        mask_r = build_mask(torch.cat([valid[r], b["resp_valid"]], 1))[:, :, -R:]
         out_r, (h_r,) = self.llm(xr, pos_r, mask_r, cache, keep=(cfg.evi_layer,))
-        # the states that predict response token j: the prompt's last position for j = 0, response position j - 1
-        last = lambda s: s[r, n_prompt - 1][:, None]  # noqa: E731
-        logits = self.llm.lm_head(torch.cat([last(out_p), out_r[:, :-1]], 1))
-        h = torch.cat([last(h_p), h_r[:, :-1]], 1)
+        # The states that predict response token j: the prompt's last position for j = 0, response position j - 1.
+        last = n_prompt - 1
+        logits = self.llm.lm_head(torch.cat([out_p[r, last][:, None], out_r[:, :-1]], 1))
+        h = torch.cat([h_p[r, last][:, None], h_r[:, :-1]], 1)
+        # Grounding: each <evi>'s evi_head output against the frm_head output of each frame of its video, a dot
+        # product scaled by sqrt(C): the sim of the grounding loss and of p_g, as a logit.
         f_evi = self.evi_head(h[b["evi_b"], b["evi_pos"]])
-        sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[r[b["evi_b"]]]) / math.sqrt(cfg.n_embd)  # a logit
+        sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[video]) / math.sqrt(cfg.n_embd)
         return logits, sim, f_evi
 
     @torch.no_grad()
@@ -611,42 +581,46 @@ class D2VLM(nn.Module):
         and gets the mean of that group's F~_V (prefill states of layer capture_layer) added to its input.
         src: the inclusive frame span (data.frame_span) of each question-side <evi> of the prompt. Returns the new ids
         and one dict per <evi>: stage (1 or 2), frame span, seconds, sim over frames."""
-        cfg, dev = self.cfg, frames.device
-        T = frames.shape[0]
-        q = torch.tensor([q_ids], device=dev)
-        F_V = self.frame_tokens(frames[None], torch.ones(1, T, dtype=torch.bool, device=dev), q, q > -1)
+        cfg = self.cfg
+        dev = frames.device
+        T = len(frames)
         ids = torch.tensor([prompt_ids], device=dev)
         frm = ids == cfg.image_id
         if frm.sum() != T:
             raise ValueError(f"the prompt has {int(frm.sum())} frame placeholders for {T} frames")
-        E = self.llm.model.embed_tokens.weight  # (vocab, C)
-        x, frm_pos = self.embed(ids, F_V.to(E.dtype))
-        src_pos = ((ids[0] == cfg.evi_id) & (torch.arange(ids.shape[1], device=dev) > frm_pos[0, -1])).nonzero()[:, 0]
+        src_pos = (ids[0] == cfg.evi_id).nonzero()[:, 0]  # the question-side <evi> (they follow the video)
         if len(src) != len(src_pos):
             raise ValueError(f"{len(src)} src intervals for {len(src_pos)} <evi> in the question")
-        if len(src):  # each gets the mean of F_V over its frames, as released
-            spans = torch.tensor(src, device=dev).view(-1, 2)
-            x[0, src_pos] += pool(F_V.expand(len(src), -1, -1), spans).to(x.dtype)
-        evis, state = [], dict(stage=1)
+        # The prompt's input embeddings, made as the teacher-forced pass makes them, for a batch of one.
+        q = torch.tensor([q_ids], device=dev)
+        F_V = self.frame_tokens(frames[None], torch.ones(1, T, dtype=torch.bool, device=dev), q, q > -1)
+        spans = torch.tensor(src, dtype=torch.long, device=dev).view(-1, 2)
+        x, frm_pos = self.embed(ids, F_V, torch.zeros_like(src_pos), src_pos, spans)
+        evis = []
+        prefill = {}  # the frames' frm_head outputs and F~_V, read from the prefill
 
-        def embed(token, hs):
-            if "f_frm" not in state:  # the first call sees the whole prompt: the frames' states are final there
-                state.update(f_frm=self.frm_head(hs[0][0, frm_pos[0]]), F_cap=hs[1][:, frm_pos[0]])
-            e = E[token][None, None]
-            if token == cfg.evi_end_id:
-                state["stage"] = 2
-            if token != cfg.evi_id:
+        def ground(ids, hs):
+            """The next input for ids[-1], the token just generated, given the kept states hs (evi_layer,
+            capture_layer) of the forward that predicted it: its embedding, and for an <evi> the mean of F~_V over
+            the event it grounds (visual semantic capture)."""
+            if not prefill:  # the first call sees the whole prompt: the frames' states are final there
+                prefill["f_frm"] = self.frm_head(hs[0][0, frm_pos[0]])
+                prefill["F_cap"] = hs[1][:, frm_pos[0]]
+            e = self.llm.model.embed_tokens.weight[ids[-1]][None, None]
+            if ids[-1] != cfg.evi_id:
                 return e
-            sim = (state["f_frm"] @ self.evi_head(hs[0][0, -1])).float() / math.sqrt(cfg.n_embd)
+            # its similarity to each frame (as in the teacher-forced pass), then its event: the best salient group
+            sim = (prefill["f_frm"] @ self.evi_head(hs[0][0, -1])).float() / math.sqrt(cfg.n_embd)
             if cfg.evi_unit == "event":
                 s, t = span_of(torch.sigmoid(sim), cfg.evi_threshold)
             else:  # Tab. 6 ablation: an <evi> names one boundary frame, its most similar one
                 s = t = int(sim.argmax())
-            evis.append(dict(stage=state["stage"], span=(s, t), seconds=(float(times[s]), float(times[t])),
-                             sim=sim.tolist()))
+            stage = 2 if cfg.evi_end_id in ids else 1  # </evi> ends stage 1, the pure grounding
+            evis.append(dict(stage=stage, span=(s, t), seconds=(float(times[s]), float(times[t])), sim=sim.tolist()))
             if cfg.evi_capture:
-                e = e + pool(state["F_cap"], torch.tensor([[s, t]], device=dev)).to(e.dtype)
+                e = e + pool(prefill["F_cap"], torch.tensor([[s, t]], device=dev)).to(e.dtype)
             return e
-        out = self.llm.generate(x, max_new_tokens, cfg.end_id, frm, (cfg.evi_layer, cfg.capture_layer), embed,
-                                temperature, seed, repetition_penalty, seen=prompt_ids, exempt=(cfg.image_id, cfg.evi_id))
+        keep = (cfg.evi_layer, cfg.capture_layer)  # the states ground reads: hs[0] for the heads, hs[1] is F~_V
+        out = self.llm.generate(x, max_new_tokens, cfg.end_id, frm, keep, ground, temperature, seed, repetition_penalty,
+                                seen=prompt_ids, exempt=(cfg.image_id, cfg.evi_id))
         return out, evis

@@ -4,7 +4,7 @@ import torch
 import transformers
 
 from nanod2vlm.checkpoint import load_phi3
-from nanod2vlm.model import CONFIGS, Config, Phi3, build_mask
+from nanod2vlm.model import CONFIGS, Cache, Config, Phi3, build_mask
 
 HF = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100,
           max_position_embeddings=128, rms_norm_eps=1e-5, rope_scaling=None, pad_token_id=0, bos_token_id=1,
@@ -57,7 +57,7 @@ def test_greedy_with_kv_cache_matches_hf_generate(pair):
 
     valid = attn.bool()
     pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = ours.new_cache(2, 9 + 20)
+    cache = Cache()
     logits = ours.lm_head(ours(ours.model.embed_tokens(ids), pos, build_mask(valid), cache)[0])
     out = []
     for _ in range(20):
@@ -66,8 +66,8 @@ def test_greedy_with_kv_cache_matches_hf_generate(pair):
         out.append(nxt)
         pos = pos[:, -1:] + 1
         valid = torch.cat([valid, torch.ones(2, 1, dtype=torch.bool)], dim=1)
-        logits = ours.lm_head(ours(ours.model.embed_tokens(nxt[:, None]), pos, build_mask(valid, n_query=1), cache)[0])
-    assert cache.n == 9 + 20
+        logits = ours.lm_head(ours(ours.model.embed_tokens(nxt[:, None]), pos, build_mask(valid)[:, :, -1:], cache)[0])
+    assert cache.kv[0][0].shape[2] == 9 + 20
     assert torch.equal(torch.stack(out, 1), ref)
 
 
