@@ -297,8 +297,10 @@ class QFormerLayer(nn.Module):
         self.intermediate, self.output = _dense(W, M), _dense(M, W, ln=True)
         self.intermediate_query, self.output_query = _dense(W, M), _dense(M, W, ln=True)
 
-    def forward(self, x, n_query, mask, img):
-        x = self.attention(x, x, mask)
+    def forward(self, x, n_query, mask, img, queries_only=False):
+        # queries_only (the Q-Former's last layer, whose text outputs nothing reads): only the queries' rows are
+        # computed, the same values in less time
+        x = self.attention(x[:, :n_query] if queries_only else x, x, mask)
         q, t = x[:, :n_query], x[:, n_query:]
         if self.crossattention is not None:
             q = self.crossattention(q, img)
@@ -324,9 +326,9 @@ class QFormer(nn.Module):
         text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
         x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
         mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
-        for layer in self.encoder.layer:
-            x = layer(x, n_query, mask, img)
-        return x[:, :n_query]  # (N, n_query, W)
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, n_query, mask, img, queries_only=i == len(self.encoder.layer) - 1)
+        return x  # (N, n_query, W)
 
 
 class FrameCompressor(nn.Module):
