@@ -173,8 +173,7 @@ def bench_video(args):
             with av.open(path) as c:
                 c.streams.video[0].thread_type = "AUTO"
                 return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
-        print(f"video: {seconds} s, {fps} fps, {S}x{S} libx264 clip; read_video(fps=1, size={S}) vs every frame "
-              "to ndarray")
+        print(f"video: {seconds} s, {fps} fps, {S}x{S} libx264 clip; read_video(fps=1, size={S}) vs every frame")
         t_read, t_all = side_by_side([lambda: read_video(path, fps=1, size=S), every_frame], args.steps, warmup=1)
     row("read_video at 1 fps: video s per wall s", seconds / t_read, "x")
     row("decode every frame: video s per wall s", seconds / t_all, "x")

@@ -730,8 +730,8 @@ def table(rows, seeds, out, jobs, data, flags):
         resume = ["--resume"] if os.path.exists(os.path.join(run, "latest")) else []
         with open(run + ".log", "a") as log:
             done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--data={data}", f"--out={run}",
-                                   f"--seed={seed}", f"--eval_json={val},{test}", *ROWS[row][1], *init, *resume,
-                                   *flags], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                   f"--seed={seed}", f"--eval_json={val},{test}", *ROWS[row][1], *init, *resume, *flags],
+                                  stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
         if done.returncode:
             raise InputError(f"train.py failed for {run}: see {run}.log")
     os.makedirs(out, exist_ok=True)
@@ -740,7 +740,8 @@ def table(rows, seeds, out, jobs, data, flags):
         for phase in (sft, fpo):  # the SFT runs first: an FPO run starts from one
             for _ in pool.imap_unordered(train, [(r, s) for r in phase for s in range(seeds)]):
                 bar.update()
-    metrics = {(r, s): json.load(open(os.path.join(out, f"{r}-s{s}", "metrics.json"))) for r in rows for s in range(seeds)}
+    metrics = {(r, s): json.load(open(os.path.join(out, f"{r}-s{s}", "metrics.json")))
+               for r in rows for s in range(seeds)}
     stats = {split: {r: {c: _mean_sd([cell(metrics[r, s][split]) for s in range(seeds)]) for c, cell in CELLS.items()}
                      for r in rows} for split in ("test", "val")}
     md = []

@@ -65,9 +65,7 @@ def render_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), pr
             jobs.append((os.path.join(out_dir, video), D, objs, int(rng.integers(2**31))))
         _dump(records, out_dir, f"{split}.json")
     with multiprocessing.Pool(os.cpu_count()) as pool:  # each video is encoded on one thread: one per core
-        for _ in tqdm(pool.imap_unordered(render_video, jobs), total=len(jobs), desc="rendering world",
-                      disable=not progress):
-            pass
+        list(tqdm(pool.imap_unordered(render_video, jobs), total=len(jobs), desc="rendering", disable=not progress))
     _dump(events, out_dir, "events.json")
     _dump(_settings(n_train, n_test, seed, durations), out_dir, "world.json")  # last: marks a complete render
     return _paths(out_dir)
