@@ -166,8 +166,6 @@ def to(b, dev):
     return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
-
-
 def amp(dev):
     """bf16 autocast on a GPU (where cast_frozen holds Phi-3's frozen weights in bf16); fp32 on the CPU."""
     return torch.autocast("cuda", torch.bfloat16, enabled=dev != "cpu")
@@ -191,7 +189,7 @@ def vit_tag(model, dev):
 
 def keep(rec, t):
     """The released SFT's filters: the video's duration, and the words of the first gpt message split on " "."""
-    words = len(rec["conversations"][1]["value"].split(" "))
+    words = len(turns(rec)["gpt"].split(" "))
     return t.min_duration <= rec["duration"] <= t.max_duration and (not t.max_words or words <= t.max_words)
 
 
