@@ -269,7 +269,7 @@ def test_a_3_hour_video_at_224_px_holds_under_400_mb_of_frames(tmp_path, monkeyp
     path = make_video(tmp_path / "long.mp4", 16, 16, [np.uint8(i % 256) for i in range(3 * 3600)], codec="mpeg4")
     live, peak = [0], [0]
 
-    def resized(frame, size):
+    def resized(frame, size, scaler):
         x = torch.full((3, size, size), round(frame.time) % 256, dtype=torch.uint8)
         live[0] += 1
         peak[0] = max(peak[0], live[0])
