@@ -698,11 +698,11 @@ def cider_d(pairs, n=4, sigma=6.0):
 
 ROWS = {  # row -> (its name in the table, its train.py flags); an FPO row starts from the same seed's "sft" run
     "sft": ("D²VLM (SFT)", []),
-    "text": ("text timestamps, no interleaved <evi> (Tab. 4)", ["--interleave=false"]),
+    "text": ("text timestamps, no interleaved `<evi>` (Tab. 4)", ["--interleave=false"]),
     "nocons": ("no consistency loss (Tab. 4)", ["--w_cons=0"]),
     "fpo": ("SFT + FPO as released (Tab. 5)", ["--stage=fpo"]),
     "fpo-beta1": ("SFT + FPO, Eq. (4) as printed: beta 1 (Tab. 5)", ["--stage=fpo", "--beta=1"]),
-    "frame": ("frame-level <evi>, matching (Tab. 6)", ["--evi_unit=frame"]),
+    "frame": ("frame-level `<evi>`, matching (Tab. 6)", ["--evi_unit=frame"]),
     "nocapture": ("no visual semantic capture (Tab. 6)", ["--evi_capture=false"]),
 }
 CELLS = {"R@1 IoU 0.5": lambda m: m["single"]["all"]["R@0.5"], "F1(gnd)": lambda m: m["avg"]["F1(gnd)"],
