@@ -281,8 +281,9 @@ def main(argv):
         ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)
     else:
         if not os.path.exists(train_json) and rank == 0:  # synth.py writes the preference pairs (Sec. 5)
-            synth = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py"), f"--seed={t.seed}"]
-            if subprocess.run(synth + [os.path.join(t.data, "train.json"), train_json]).returncode:
+            synth = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py")
+            if subprocess.run([sys.executable, synth, os.path.join(t.data, "train.json"), train_json,
+                               f"--seed={t.seed}"]).returncode:
                 raise InputError(f"synth.py could not write {train_json} (its error is above)")
         if ddp:
             dist.barrier()
@@ -291,7 +292,7 @@ def main(argv):
     # few steps; kept in the checkpoints' state, so that a resumed run draws the whole picture
     held_out = os.path.join(t.data, "test.json")
     probe = None
-    if t.config == "nano" and os.path.exists(held_out):
+    if t.config == "nano" and rank == 0 and os.path.exists(held_out):  # rank 0 draws it
         rec = ablate(read_annotations(held_out)[0], cfg)
         probe = dict(VideoDataset(held_out, tok, wp.encode, cache, records=[rec], **video)[0], record=rec)
     probe_at = {0, t.steps // 16, t.steps // 8, t.steps // 4, t.steps // 2, t.steps}

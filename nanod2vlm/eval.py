@@ -717,9 +717,12 @@ def table(rows, seeds, out, jobs, data, flags):
         ensure_world(data)
     val, test = (os.path.join(data, f"{s}.json") for s in ("val", "test"))
     fpo = [r for r in rows if "--stage=fpo" in ROWS[r][1]]
-    if fpo and not os.path.exists(os.path.join(data, "fpo_pairs.json")):  # once, for every FPO run
-        subprocess.run([sys.executable, os.path.join(ROOT, "synth.py"), os.path.join(data, "train.json"),
-                        os.path.join(data, "fpo_pairs.json")], check=True, stdout=subprocess.DEVNULL)
+    pairs = os.path.join(data, "fpo_pairs.json")
+    if fpo and not os.path.exists(pairs):  # once, for every FPO run (each would otherwise write its own seed's)
+        synth = subprocess.run([sys.executable, os.path.join(ROOT, "synth.py"), os.path.join(data, "train.json"), pairs],
+                               stdout=subprocess.DEVNULL)
+        if synth.returncode:
+            raise InputError(f"synth.py could not write {pairs} (its error is above)")
 
     def train(job):
         row, seed = job
