@@ -297,15 +297,18 @@ class QFormerLayer(nn.Module):
         self.intermediate, self.output = _dense(W, M), _dense(M, W, ln=True)
         self.intermediate_query, self.output_query = _dense(W, M), _dense(M, W, ln=True)
 
-    def forward(self, x, n_query, mask, img, queries_only=False):
+    def forward(self, x, n_query, mask, img, rows=None, queries_only=False):
         # queries_only (the Q-Former's last layer, whose text outputs nothing reads): only the queries' rows are
-        # computed, the same values in less time
+        # computed. rows (the first layer): x holds one row per question, and image i is question rows[i]'s.
+        # Both give the same values in less time.
         x = self.attention(x[:, :n_query] if queries_only else x, x, mask)
-        q, t = x[:, :n_query], x[:, n_query:]
+        q, t = x[:, :n_query], _ffn(x[:, n_query:], self.intermediate, self.output)
+        if rows is not None:  # from here on, one row per image
+            q, t = q[rows], t[rows]
         if self.crossattention is not None:
             q = self.crossattention(q, img)
         q = _ffn(q, self.intermediate_query, self.output_query)
-        return torch.cat([q, _ffn(t, self.intermediate, self.output)], 1)
+        return torch.cat([q, t], 1)
 
 
 class QFormer(nn.Module):
@@ -320,14 +323,20 @@ class QFormer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             QFormerLayer(cfg, i % cfg.qf_cross_every == 0) for i in range(cfg.qf_layers))))
 
-    def forward(self, query, q_ids, q_valid, img):
+    def forward(self, query, q_ids, q_valid, img, rows=None):
+        """query (B, Q, W), question q_ids, q_valid (B, Lq), img (N, P, V): image i is asked question rows[i]
+        (default: question i). Returns the query outputs of each image (N, Q, W)."""
         e = self.embeddings
         n_query = query.size(1)
+        rows = torch.arange(len(img), device=img.device) if rows is None else rows
         text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
         x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
         mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
-        for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, n_query, mask, img, queries_only=i == len(self.encoder.layer) - 1)
+        # Only queries cross-attend to the image, after the self-attention: the first layer's self-attention and
+        # text FFN see the question and the learned queries alone, so they run once per question, not per image.
+        x = self.encoder.layer[0](x, n_query, mask, img, rows, queries_only=len(self.encoder.layer) == 1)
+        for i, layer in enumerate(self.encoder.layer[1:], 1):
+            x = layer(x, n_query, mask[rows], img, queries_only=i == len(self.encoder.layer) - 1)
         return x  # (N, n_query, W)
 
 
@@ -346,9 +355,9 @@ class FrameCompressor(nn.Module):
         # official code: `v_proj` is not a value projection but the output LN + Linear(vit_width -> n_embd)
         self.qformer_v_proj = nn.Sequential(nn.LayerNorm(V), nn.Linear(V, cfg.n_embd))
 
-    def forward(self, patches, q_ids, q_valid):  # (N, P, V), (N, Lq), (N, Lq)
-        query = self.qformer_query.expand(len(patches), -1, -1)
-        query = self.qformer_proj(self.qformer_bert(query, q_ids, q_valid, self.qformer_ln(patches)))  # (N, Q, V)
+    def forward(self, patches, q_ids, q_valid, rows=None):  # (N, P, V), (B, Lq), (B, Lq); frame i asks rows[i]
+        query = self.qformer_query.expand(len(q_ids), -1, -1)
+        query = self.qformer_proj(self.qformer_bert(query, q_ids, q_valid, self.qformer_ln(patches), rows))  # (N, Q, V)
         att = self.qformer_q_proj(query) @ self.qformer_k_proj(patches).transpose(1, 2)  # (N, Q, P)
         att = (att / patches.size(-1) ** 0.5).softmax(-1)
         emb = (att @ patches + query).mean(1)  # (N, V): raw patches pooled by the queries, plus the queries
@@ -514,7 +523,7 @@ class D2VLM(nn.Module):
         if x.dim() == 4:
             with torch.no_grad():
                 x = self.visual(x)
-        tok = self.compressor(x, q_ids[b], q_valid[b])
+        tok = self.compressor(x, q_ids, q_valid, rows=b)  # frame (b, t) asks sample b's question
         return tok.new_zeros(*frm_valid.shape, tok.shape[-1]).index_put((b, t), tok)
 
     def embed(self, ids, F_V, src_b, src_pos, src_span):

@@ -14,7 +14,7 @@ test (val) video contains one of its split's pairs and none of the other's, and 
 about such an object. Training single-event questions name each object by its shape, its colour or both; test
 and val ones by the held-out pair.
 
-render_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json, val.json (App. B records plus
+ensure_world(out_dir) writes videos/{split}_{i:04d}.mp4, train.json, test.json, val.json (App. B records plus
 "task"), events.json (video -> list of {"kind", "colour", "shape", "slot", "interval"}) and world.json.
 """
 import json
@@ -45,11 +45,20 @@ TEMPLATES = {
 }
 
 
-def render_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), progress=True):
-    """Sample and render the world into out_dir; returns the paths of the json files it wrote."""
+def ensure_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), progress=True):
+    """Sample and render the world into out_dir, unless it already holds a complete render with these settings;
+    returns the paths of its json files."""
     if not 4 <= durations[0] <= durations[1]:
-        raise ValueError(f"render_world: durations={durations} must be (lo, hi) with 4 <= lo <= hi seconds "
+        raise ValueError(f"ensure_world: durations={durations} must be (lo, hi) with 4 <= lo <= hi seconds "
                          "(every object is visible for at least 4 s)")
+    paths = {k: os.path.join(out_dir, f"{k}.json") for k in SPLITS + ("events", "world")}
+    settings = {"version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "durations": list(durations)}
+    try:
+        with open(paths["world"]) as f:
+            if json.load(f) == settings:
+                return paths
+    except (OSError, ValueError):
+        pass  # no complete render yet
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     events, jobs = {}, []
     for split, n in zip(SPLITS, (n_train, n_test, n_test)):  # the validation split is as large as the test split
@@ -67,26 +76,8 @@ def render_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), pr
     with multiprocessing.Pool(os.cpu_count()) as pool:  # each video is encoded on one thread: one per core
         list(tqdm(pool.imap_unordered(render_video, jobs), total=len(jobs), desc="rendering", disable=not progress))
     _dump(events, out_dir, "events.json")
-    _dump(_settings(n_train, n_test, seed, durations), out_dir, "world.json")  # last: marks a complete render
-    return _paths(out_dir)
-
-
-def ensure_world(out_dir, n_train=300, n_test=60, seed=0, durations=(10, 60), progress=True):
-    """render_world, unless out_dir already holds a complete render with these settings."""
-    try:
-        with open(os.path.join(out_dir, "world.json")) as f:
-            done = json.load(f) == _settings(n_train, n_test, seed, durations)
-    except (OSError, ValueError):
-        done = False
-    return _paths(out_dir) if done else render_world(out_dir, n_train, n_test, seed, durations, progress)
-
-
-def _settings(n_train, n_test, seed, durations):
-    return {"version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "durations": list(durations)}
-
-
-def _paths(out_dir):
-    return {k: os.path.join(out_dir, f"{k}.json") for k in SPLITS + ("events", "world")}
+    _dump(settings, out_dir, "world.json")  # last: marks a complete render
+    return paths
 
 
 def _dump(obj, out_dir, name):
@@ -157,8 +148,7 @@ def make_records(rng, video, D, objs, split):
     # train: every object, named by its shape, its colour or both, so each attribute alone learns to ground;
     # test, val: one held-out object, by its never-seen colour-shape pair
     held = [(o, name(o)) for o in objs if (o["colour"], o["shape"]) in HELD_OUT.get(split, ())]
-    singles = [pick(held)] if held else [(o, pick([o["shape"], f"{o['colour']} shape", name(o)]))
-                                                     for o in objs]
+    singles = [pick(held)] if held else [(o, pick([o["shape"], f"{o['colour']} shape", name(o)])) for o in objs]
     out = [record("single", pick(TEMPLATES["single"]).format(o=ref), f"The {ref} appears in <evi>.", [o["interval"]])
            for o, ref in singles]
     for o in objs:
@@ -224,7 +214,5 @@ def render_video(job):
                 if inside(t, o["flashes"]):  # the fill turns white, a 1 px outline keeps the colour
                     fill = m & np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1)
                     img[fill] = WHITE
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder

@@ -86,6 +86,24 @@ def test_full_qformer_keys_match_transformers():
     assert sum(p.numel() for p in ours.parameters()) == 185_660_160
 
 
+def test_compressor_asks_each_question_once_for_all_its_frames():
+    """rows: frames that share a question get the tokens they get with a copy of the question each (the first
+    layer's self-attention and text FFN run once per question), through layers with and without cross-attention."""
+    cfg = replace(CONFIGS["nano"], qf_layers=3)
+    torch.manual_seed(0)
+    comp = FrameCompressor(cfg).eval()
+    patches = torch.randn(7, (cfg.img_size // cfg.patch) ** 2, cfg.vit_width)
+    q_ids = torch.randint(1, cfg.qf_vocab, (3, 6))
+    q_valid = torch.ones(3, 6, dtype=torch.bool)
+    q_valid[1, 4:] = False
+    rows = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    with torch.no_grad():
+        shared = comp(patches, q_ids, q_valid, rows)
+        copies = comp(patches, q_ids[rows], q_valid[rows])
+    torch.testing.assert_close(shared, copies, atol=1e-6, rtol=1e-6)
+    assert (shared[0] - shared[2]).abs().max() > 1e-3  # another question, another token
+
+
 def test_compressor_gives_one_token_per_frame_that_depends_on_the_question():
     cfg = CONFIGS["nano"]
     torch.manual_seed(0)

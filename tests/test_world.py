@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from nanod2vlm.world import COLOURS, HELD_OUT, SLOTS, WHITE, ensure_world, render_world
+from nanod2vlm.world import COLOURS, HELD_OUT, SLOTS, WHITE, ensure_world
 
 KW = dict(n_train=6, n_test=3, durations=(8, 14), progress=False)
 
@@ -14,7 +14,7 @@ KW = dict(n_train=6, n_test=3, durations=(8, 14), progress=False)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("world"))
-    render_world(out, seed=0, **KW)
+    ensure_world(out, seed=0, **KW)
     load = lambda name: json.load(open(os.path.join(out, name)))
     return out, load("train.json"), load("test.json") + load("val.json"), load("events.json")
 
@@ -101,8 +101,8 @@ def test_annotations_valid(world):
 def test_deterministic_and_ensure(world, tmp_path):
     out, train, test, events = world
     same, other = str(tmp_path / "same"), str(tmp_path / "other")
-    render_world(same, seed=0, **KW)
-    render_world(other, seed=1, **KW)
+    ensure_world(same, seed=0, **KW)
+    ensure_world(other, seed=1, **KW)
     text = lambda d, f: open(os.path.join(d, f)).read()
     pixels = lambda d: np.stack([img for time, img in decode(os.path.join(d, "videos/train_0000.mp4"))[:40]])
     for f in ("train.json", "test.json", "val.json", "events.json"):
