@@ -20,8 +20,8 @@ from nanod2vlm.data import FrameCache, cli, read_video, writable
 from nanod2vlm.eval import SentSim, answer, evaluate, predictions_path, print_metrics
 
 
-def plot(path, result, frames, times, gt=None):
-    """Per <evi>: sigmoid(sim) over time, the 0.6 × max threshold, the chosen span (and the ground truth), under a
+def plot(path, result, frames, times, gt=None, threshold=0.6):
+    """Per <evi>: sigmoid(sim) over time, the threshold × max line, the chosen span (and the ground truth), under a
     strip of frame thumbnails."""
     from matplotlib.figure import Figure  # not pyplot: no window and no global figure, whatever the backend
     evis = result["evis"]
@@ -34,7 +34,7 @@ def plot(path, result, frames, times, gt=None):
     for i, (ax, e) in enumerate(zip(axes[1:], evis)):
         p = torch.sigmoid(torch.tensor(e["sim"]))
         ax.plot(times, p, lw=1.2, label="sigmoid(sim)")
-        ax.axhline(0.6 * p.max().item(), ls="--", c="gray", lw=0.8, label="0.6 × max")
+        ax.axhline(threshold * p.max().item(), ls="--", c="gray", lw=0.8, label=f"{threshold:g} × max")
         ax.axvspan(*e["seconds"], color="tab:orange", alpha=0.3, label="predicted")
         k = sum(x["stage"] == e["stage"] for x in evis[:i])  # the k-th <evi> of each stage refers to the k-th event
         if gt and k < len(gt):
@@ -61,6 +61,8 @@ def main(argv):
     ap.add_argument("--max-new-tokens", type=int, default=2048, help="the model stops at <|end|> before")
     ap.add_argument("--released", dest="temperature", action="store_const", const=0.2,
                     help="decode as released: --temperature 0.2 (seeded here), with the default 2048 new tokens")
+    ap.add_argument("--evi_threshold", type=float, help="an <evi>'s salient frames have sigmoid(sim) >= this x max "
+                    "(default: the checkpoint's; released 0.6; the paper's supplementary Tab. 3 compares 0.4-0.8)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--plot", help="write the grounding picture to this PNG")
     ap.add_argument("--gt", help="ground-truth spans for the plot, e.g. '6.3-12.1,21-24.4'")
@@ -73,6 +75,8 @@ def main(argv):
     a = ap.parse_args(argv)
     if not a.temperature >= 0:  # nor NaN; as every check here, before the long work
         ap.error(f"--temperature {a.temperature}: give a number >= 0 (0: greedy)")
+    if a.evi_threshold is not None and not 0 < a.evi_threshold <= 1:
+        ap.error(f"--evi_threshold {a.evi_threshold}: give a number in (0, 1]")
     if a.max_new_tokens < 4:
         ap.error(f"--max-new-tokens {a.max_new_tokens}: give at least 4 (<evi>, </evi>, a word, <|end|>)")
     try:
@@ -91,6 +95,11 @@ def main(argv):
         export(model, tok, wp, a.export, state["base"].get("official", ""))
         print(f"wrote {a.ckpt} to {a.export} in the official merged layout")
         return
+    def load(ckpt):  # the model, tokenizers; --evi_threshold in place of the checkpoint's own
+        model, tok, wp, _ = load_model(ckpt, a.device, a.bert_vocab, a.base)
+        model.cfg.evi_threshold = a.evi_threshold or model.cfg.evi_threshold
+        return model, tok, wp
+
     if a.eval is None and (not a.video or not a.question or not a.question.strip()):
         ap.error("give a video and a non-empty question, or --eval ANNOTATIONS, or --export DIR")
     if a.eval:  # --ckpt A,B scores several checkpoints on the same file, e.g. SFT and SFT+FPO
@@ -103,8 +112,8 @@ def main(argv):
         sentsim = SentSim(a.sentsim).to(a.device) if a.sentsim else None
         cache = FrameCache()
         for ckpt in a.ckpt.split(","):
-            model, tok, wp, _ = load_model(ckpt, a.device, a.bert_vocab, a.base)
-            out = a.out or predictions_path(ckpt, a.eval, a.temperature)
+            model, tok, wp = load(ckpt)
+            out = a.out or predictions_path(ckpt, a.eval, a.temperature, a.evi_threshold)
             writable(out, "--out")  # the default is in the checkpoint's folder, which may be read-only
             m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
                          rank, world)
@@ -116,11 +125,11 @@ def main(argv):
         if world > 1:
             dist.destroy_process_group()
         return
-    model, tok, wp, _ = load_model(a.ckpt, a.device, a.bert_vocab, a.base)
+    model, tok, wp = load(a.ckpt)
     frames, times = read_video(a.video, model.cfg.fps, model.cfg.img_size, model.cfg.max_frames)
     r = answer(model, tok, wp, frames, times, a.question.strip(), a.max_new_tokens, a.temperature)
     if a.plot:
-        plot(a.plot, r, frames, times, gt)
+        plot(a.plot, r, frames, times, gt, model.cfg.evi_threshold)
     if a.json:
         print(json.dumps(r))
     else:

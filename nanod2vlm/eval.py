@@ -166,10 +166,11 @@ def _lines(path):
     return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].decode().splitlines()]
 
 
-def predictions_path(ckpt, ann_path, temperature=0.0):
+def predictions_path(ckpt, ann_path, temperature=0.0, evi_threshold=None):
     """Default --out: in the checkpoint's step folder (a new checkpoint there starts afresh), by file and decoding."""
     name = os.path.splitext(os.path.basename(os.path.normpath(ann_path)))[0]
-    return os.path.join(latest(ckpt), "eval", name + (f"-t{temperature:g}" if temperature else "") + ".jsonl")
+    name += (f"-t{temperature:g}" if temperature else "") + (f"-thr{evi_threshold:g}" if evi_threshold else "")
+    return os.path.join(latest(ckpt), "eval", name + ".jsonl")
 
 
 def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048, temperature=0.0, sentsim=None,

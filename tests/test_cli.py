@@ -24,6 +24,7 @@ import synth
 import train
 from conftest import TINY, force
 from nanod2vlm.data import read_video
+from nanod2vlm.eval import answer, predictions_path
 
 ROOT = os.path.dirname(os.path.abspath(train.__file__))
 RUN = ["--steps=4", "--ckpt_every=2", "--lr=1e-2"]  # checkpoints at steps 2 and 4
@@ -122,6 +123,8 @@ OPTIONS = {  # case -> (script, argv of the tiny world folder, words)
     "a device not here": (sample, lambda d: [video(d), Q, "--device=cuda:99"], "--device cuda:99: not usable here"),
     "bad --gt": (sample, lambda d: [video(d), Q, "--gt=6-x", "--plot=p.png"], "--gt '6-x': give spans in seconds"),
     "one-ended --gt": (sample, lambda d: [video(d), Q, "--gt=6", "--plot=p.png"], "--gt '6': give spans in seconds"),
+    "--evi_threshold out of range": (sample, lambda d: [video(d), Q, "--evi_threshold=1.5"],
+                                     "--evi_threshold 1.5: give a number in (0, 1]"),
     "an empty question": (sample, lambda d: [video(d), " "], "give a video and a non-empty question"),
     "not a number": (train, lambda d: ["--steps=abc"], "--steps=abc: not a valid int"),
     "zero steps": (train, lambda d: ["--steps=0"], "--steps=0: give a number >= 1"),
@@ -145,6 +148,21 @@ def test_a_bad_option_is_one_error_before_any_work(tmp, capsys, case):
     assert words in msg, msg
     if case == "--resume contradicted":
         assert len(history(tmp / "run")) == 4  # the run is as it was
+
+
+def test_evi_threshold_replaces_the_checkpoints_own(tmp, capsys, monkeypatch):
+    """--evi_threshold is the threshold the answer is grounded with (the checkpoint's when not given), and an
+    --eval's default predictions file is another one than the checkpoint's own threshold writes."""
+    seen = []
+    def spy(model, *args, **kw):
+        seen.append(model.cfg.evi_threshold)
+        return answer(model, *args, **kw)
+    monkeypatch.setattr(sample, "answer", spy)
+    for flag in ([], ["--evi_threshold=0.45"]):
+        sample.main([str(video(tmp)), Q, "--ckpt", str(tmp / "run"), "--max-new-tokens=8", *flag])
+    assert seen == [0.6, 0.45]
+    assert predictions_path(tmp / "run", "a/test.json", 0.0, 0.5).endswith("test-thr0.5.jsonl")
+    assert predictions_path(tmp / "run", "a/test.json").endswith("test.jsonl")
 
 
 def test_resume_takes_the_run_settings_and_says_so(tmp, capsys):
