@@ -59,6 +59,7 @@ class Train:
     max_words: int = 0             # SFT records whose first answer has more words (split on " ") are dropped; 0: none
     beta: float = 0.1              # FPO (released; Eq. (4) as printed: 1)
     ckpt_every: int = 200
+    bucket: int = 8                # batches of similar video durations, sorted within runs of 8 batches (0: off)
     vit_cache: bool = True         # the frozen ViT encodes each video once, its features cached in {data}/cache
     compile: bool = False
     seed: int = 0
@@ -101,7 +102,8 @@ def parse(argv):
             raise InputError(f"--resume: no checkpoint in {t.out} (expected {t.out}/latest); give the run's --out")
         try:
             state = json.load(open(os.path.join(ckpt, "state.json")))
-            saved = replace(Train(**{k: v for k, v in state["train"].items() if hasattr(t, k)}), resume=True)
+            saved = {"bucket": 0} | {k: v for k, v in state["train"].items() if hasattr(t, k)}  # older runs: no bucket
+            saved = replace(Train(**saved), resume=True)
             saved_cfg = _config(state["config"])
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); name an earlier step in "
@@ -152,13 +154,21 @@ def lr_at(step, t):
     return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step, t.steps) / t.steps))
 
 
-def batch_indices(g, n, bs, seed):
+def batch_indices(g, n, bs, seed, lengths=None, window=0):
     """The g-th micro-batch of an endless stream of seeded epoch permutations: a pure function of g, so resume
-    and any number of processes see exactly the data an uninterrupted single process would."""
+    and any number of processes see exactly the data an uninterrupted single process would. window > 0: each run
+    of `window` batches of the stream is sorted by `lengths` and cut into batches of similar lengths (less padding),
+    taken in a seeded order; the stream's samples are the same."""
+    w = max(1, window)
+    first = g // w * w * bs  # the stream position where g's window starts
     out = []
-    for i in range(g * bs, (g + 1) * bs):
+    for i in range(first, first + w * bs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + i // n))
         out.append(perm[i % n].item())
+    if window:
+        out.sort(key=lambda j: lengths[j])
+        k = torch.randperm(w, generator=torch.Generator().manual_seed(seed * 100003 + g // w))[g % w]
+        out = out[k * bs:(k + 1) * bs]
     return out
 
 
@@ -221,6 +231,7 @@ class PairDataset:
                  for s, recs in zip(("chosen", "rejected"), sides)]
         self.chosen, self.rejected = (VideoDataset(path, tok, q_tokenize, cache, records=recs, exact=True, **video)
                                       for recs in sides)
+        self.records = self.chosen.records
 
     def __len__(self):
         return len(self.chosen)
@@ -311,6 +322,7 @@ def main(argv):
         step, history, probes = state["step"], state["history"], state.get("probes", [])
         load_optimizer(opt, os.path.join(init, "optim.safetensors"))
         say(f"resumed {init} at step {step}")
+    durations = [r["duration"] for r in ds.records]  # a sample's length is mostly its frames
     fwd = torch.compile(model, dynamic=True) if t.compile else model
     n_params = sum(p.numel() for p in params)
     say(f"{t.stage} | {t.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -329,7 +341,7 @@ def main(argv):
         logs = {}
         for micro in range(t.grad_accum):
             gidx = (step * t.grad_accum + micro) * world + rank
-            idx = batch_indices(gidx, len(ds), t.batch_size, t.seed)
+            idx = batch_indices(gidx, len(ds), t.batch_size, t.seed, durations, t.bucket)
             b = to(collate([ds[i] for i in idx], tok.pad_id), dev)
             with amp(dev):
                 out = fwd(b)

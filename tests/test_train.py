@@ -52,8 +52,24 @@ def test_a_few_steps_lower_the_loss(tmp, sft):
     # every step of the reference run sees a different batch of 2, so its curve is noisy; on one fixed batch (all
     # 24 samples, one epoch per step) each step must lower L = L_sft + 10 L_gnd + L_cons: 13.4 -> 10.6 at this seed
     n = len(read_annotations(tmp / "world" / "train.json"))
-    full = [h["loss"] for h in run(tmp, "full-batch", "--steps=8", f"--batch_size={n}", "--lr=1e-2")]
+    full = [h["loss"] for h in run(tmp, "full-batch", "--steps=8", f"--batch_size={n}", "--lr=1e-2", "--bucket=0")]
     assert all(b < a for a, b in zip(full, full[1:])) and full[-1] < full[0] - 2.0, full
+
+
+def test_bucketed_batches_hold_the_streams_samples_sorted_by_length():
+    """--bucket: a window of batches holds exactly the samples the plain stream holds there, cut into batches of
+    neighbouring lengths, in a seeded order; still a pure function of the batch number (resume, torchrun)."""
+    n, bs, w = 50, 4, 8
+    lengths = [(7 * i) % 23 for i in range(n)]
+    plain = [train.batch_indices(g, n, bs, 0) for g in range(2 * w)]
+    bucketed = [train.batch_indices(g, n, bs, 0, lengths, w) for g in range(2 * w)]
+    for k in (0, w):  # each window
+        assert sorted(sum(plain[k:k + w], [])) == sorted(sum(bucketed[k:k + w], []))
+        spans = sorted((min(lengths[j] for j in b), max(lengths[j] for j in b)) for b in bucketed[k:k + w])
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # the batches do not overlap in length
+        firsts = [min(lengths[j] for j in b) for b in bucketed[k:k + w]]
+        assert firsts != sorted(firsts)  # not shortest first
+    assert train.batch_indices(11, n, bs, 0, lengths, w) == bucketed[11]
 
 
 def test_two_processes_equal_one_with_twice_the_accumulation(tmp):
