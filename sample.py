@@ -95,6 +95,7 @@ def main(argv):
         export(model, tok, wp, a.export, state["base"].get("official", ""))
         print(f"wrote {a.ckpt} to {a.export} in the official merged layout")
         return
+
     def load(ckpt):  # the model, tokenizers; --evi_threshold in place of the checkpoint's own
         model, tok, wp, _ = load_model(ckpt, a.device, a.bert_vocab, a.base)
         model.cfg.evi_threshold = a.evi_threshold or model.cfg.evi_threshold

@@ -72,7 +72,7 @@ FPO = dict(init="runs/nano", out="runs/nano-fpo", steps=200, lr=1e-4, batch_size
 # --config=full defaults: the released recipe (its training scripts), for SFT and FPO alike: soft targets 2^-d, loss
 # weights 10 / 10, learning rates, AdamW betas (0.9, 0.999), 3 % warm-up, batch 1, and its data filters.
 FULL = dict(soft_alpha=2.0, w_gnd=10.0, w_cons=10.0, lr=2e-5, lora_lr=5e-5, beta2=0.999, warmup=0.03, batch_size=1,
-            min_duration=5.0, max_duration=350.0, max_words=200)
+            min_duration=5.0, max_duration=350.0, max_words=200, bucket=0)  # batch 1: nothing to pad
 FULL_FPO = dict(init="", out="runs/full-fpo", grad_accum=8)  # the released FPO: gradient accumulation 8; --init yours
 
 
