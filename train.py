@@ -161,10 +161,9 @@ def batch_indices(g, n, bs, seed, lengths=None, window=0):
     taken in a seeded order; the stream's samples are the same."""
     w = max(1, window)
     first = g // w * w * bs  # the stream position where g's window starts
-    out = []
-    for i in range(first, first + w * bs):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + i // n))
-        out.append(perm[i % n].item())
+    epochs = range(first // n, (first + w * bs - 1) // n + 1)  # the epochs the window reaches into, each permuted once
+    perm = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + e)) for e in epochs}
+    out = [perm[i // n][i % n].item() for i in range(first, first + w * bs)]
     if window:
         out.sort(key=lambda j: lengths[j])
         k = torch.randperm(w, generator=torch.Generator().manual_seed(seed * 100003 + g // w))[g % w]
