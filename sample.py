@@ -15,8 +15,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from nanod2vlm.checkpoint import export, load_model, write_atomic
-from nanod2vlm.data import FrameCache, cli, read_video, writable
+from nanod2vlm.checkpoint import export, load_model
+from nanod2vlm.data import FrameCache, read_video
+from nanod2vlm.files import cli, writable, write_atomic
 from nanod2vlm.eval import SentSim, answer, evaluate, predictions_path, print_metrics
 
 

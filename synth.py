@@ -18,8 +18,8 @@ import random
 import re
 from collections import Counter
 
-from nanod2vlm.checkpoint import write_atomic
-from nanod2vlm.data import cli, read_annotations, turns, writable
+from nanod2vlm.data import read_annotations, turns
+from nanod2vlm.files import cli, writable, write_atomic
 
 # word classes of the synthetic world; a word swaps only for one of its class seen in the data
 LEXICON = {"colour": "red green blue yellow purple orange black white", "shape": "square circle triangle cross diamond",

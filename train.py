@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.data import (FrameCache, InputError, VideoDataset, ablate, check_records, cli, collate, read_annotations,
-                            turns, writable)
+from nanod2vlm.data import FrameCache, VideoDataset, ablate, check_records, collate, read_annotations, turns
+from nanod2vlm.files import InputError, cli, writable, write_atomic
 from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
-                                  save_checkpoint, write_atomic)
+                                  save_checkpoint)
 from nanod2vlm.model import CONFIGS, Config, cast_frozen, mark_trainable
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from nanod2vlm.eval import evaluate, predictions_path, print_metrics

@@ -18,14 +18,15 @@ from dataclasses import asdict, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from nanod2vlm.files import InputError, read_json, write_atomic
 from nanod2vlm.model import CONFIGS, Config, D2VLM, LoRALinear, Phi3, add_lora, is_adapter
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and what is wrong."""
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and what is wrong (a
+    JSON file of one that cannot be read: files.read_json's InputError)."""
 
 
 def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
@@ -38,7 +39,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
         return _load_run(path, dev)
     adapter = os.path.exists(os.path.join(path, "adapter_model.safetensors"))
     if adapter:
-        peft = _read_json(os.path.join(path, "adapter_config.json"))
+        peft = read_json(os.path.join(path, "adapter_config.json"), "adapter config")
         base = base or peft.get("base_model_name_or_path") or ""
         if not os.path.isdir(base):
             raise CheckpointError(f"{path}: an adapter whose base {base!r} is not a folder here; give --base "
@@ -50,7 +51,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     if not os.path.isfile(bert_vocab):
         raise CheckpointError(f"{path}: an official checkpoint needs bert-base-uncased's vocab.txt for the Q-Former's "
                               f"question text: give --bert_vocab PATH/vocab.txt (got {bert_vocab!r})")
-    hf = _read_json(os.path.join(folder, "config.json"))
+    hf = read_json(os.path.join(folder, "config.json"), "HF config")
     if hf.get("model_type") != "etchat_phi3":
         raise CheckpointError(f"{folder}/config.json: model_type {hf.get('model_type')!r}, not 'etchat_phi3' (an E.T. "
                               "Chat / D²VLM folder); a plain Phi-3 folder goes to train.py --hf_llm")
@@ -137,7 +138,7 @@ PHI3 = dict(vocab_size="vocab_size", n_embd="hidden_size", n_layer="num_hidden_l
 def phi3_fields(folder):
     """The Config fields of a Phi-3 config.json. A field our decoder does not implement is refused. Not applied:
     `sliding_window` (2047 in Phi-3-mini), as in the released model, whose eager attention ignores it."""
-    hf = _read_json(os.path.join(folder, "config.json"))
+    hf = read_json(os.path.join(folder, "config.json"), "HF config")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # transformers prefers the latter
     implemented = {"rope type": (rope.get("rope_type", rope.get("type", "default")), "default"),
                    "partial_rotary_factor": (rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)), 1.0),
@@ -233,7 +234,7 @@ def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
     index = dict(metadata=dict(total_size=sum(v.nbytes for v in state.values())), weight_map=weight_map)
     write_atomic(os.path.join(out, "model.safetensors.index.json"), json.dumps(index, indent=1))
     cfg = replace(model.cfg, lora_r=0)
-    hf = _read_json(os.path.join(base, "config.json")) if base else dict(architectures=["ETChatPhi3ForCausalLM"])
+    hf = read_json(os.path.join(base, "config.json"), "HF config") if base else dict(architectures=["ETChatPhi3ForCausalLM"])
     hf.update({k: getattr(cfg, ours) for ours, k in PHI3.items()}, model_type="etchat_phi3", hidden_act="silu",
               rope_theta=cfg.rope_theta, num_key_value_heads=cfg.n_head, tie_word_embeddings=False, nanod2vlm=asdict(cfg))
     write_atomic(os.path.join(out, "config.json"), json.dumps(hf, indent=1))
@@ -298,21 +299,6 @@ def load_optimizer(opt, path):
 # ---------------------------------------------------------------------------------------------------------
 # Tensors in and out
 
-def write_atomic(path, data):
-    """Bytes, text or a dict of tensors (as safetensors) to path: written under a temporary name, then renamed."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-    try:
-        if isinstance(data, dict):
-            save_file({k: v.detach().contiguous().cpu() for k, v in data.items()}, tmp, metadata={"format": "pt"})
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data.encode() if isinstance(data, str) else data)
-    except Exception as e:  # a full disk, a file-size limit: say which file (safetensors raises its own error type)
-        raise OSError(f"{path}: cannot write ({e})") from None
-    os.replace(tmp, path)
-
-
 def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora_B")):
     """Copy a checkpoint into module's parameters (cast to their dtype) and check it fits exactly.
 
@@ -321,7 +307,7 @@ def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora
     E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
     files = [os.path.join(path, "model.safetensors") if os.path.isdir(path) else path]
     if os.path.isfile(index := os.path.join(path, "model.safetensors.index.json")):  # sharded
-        files = [os.path.join(path, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        files = [os.path.join(path, f) for f in sorted(set(read_json(index, "HF index")["weight_map"].values()))]
     if not os.path.exists(files[0]):
         raise CheckpointError(f"{files[0]}: no such checkpoint (expected a .safetensors file or an HF directory "
                               "with model.safetensors or model.safetensors.index.json)")
@@ -362,10 +348,3 @@ def _load_tensors(targets, files, rename=None, missing_ok=()):
                 raise CheckpointError(f"{f}: {key} holds NaN or infinite values: a corrupt file")
             targets[name].copy_(x)
     return plan
-
-
-def _read_json(path):
-    try:
-        return json.load(open(path))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read JSON ({e})") from None

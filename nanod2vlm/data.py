@@ -5,11 +5,8 @@ normalisation, as released. Annotations: App. B's time_gt records (and the relea
 the one the model and losses consume (collate).
 """
 import hashlib
-import json
 import math
 import os
-import sys
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -18,43 +15,9 @@ import av
 from av.video.reformatter import VideoReformatter
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nanod2vlm.checkpoint import CheckpointError, write_atomic
-
-# -----------------------------------------------------------------------------
-# bad inputs: one line for the user, not a traceback
-
-
-class InputError(ValueError):
-    """A bad input (a file, an option): the message names it and the fix."""
-
-
-def cli(main):
-    """A script's main(argv) that ends a bad input (InputError: bad videos, annotations, options; CheckpointError) or
-    a file that cannot be read or written (OSError: a read-only folder, a full disk) in one line `error: ...` and exit
-    status 1 (argparse's usage errors: 2), instead of a traceback."""
-    def run(argv=None):
-        try:
-            return main(sys.argv[1:] if argv is None else argv)
-        except (InputError, CheckpointError) as e:
-            sys.exit(f"error: {e}")
-        except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
-            sys.exit(f"error: {e} (what was written before is intact)")  # e.g. a read-only folder, a full disk
-    return run
-
-
-def writable(path, option):
-    """Fail now, before the long work, if `path` (a file or folder to write, maybe not there yet) cannot be written:
-    its nearest existing folder must take a new file."""
-    folder = os.path.abspath(path)
-    while not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise InputError(f"{option} {path}: cannot write in {folder} ({e.strerror}); choose another folder") from None
+from nanod2vlm.files import InputError, read_json, write_atomic
 
 # -----------------------------------------------------------------------------
 # video
@@ -136,38 +99,15 @@ def normalize(frames):
 
 
 def read_annotations(path, videos=None):
-    """Read a JSON list or JSON-lines annotation file -> list of records, each time_gt as lists of [s, e] (and
-    `src`, if any, as a list of [s, e]). Every record is checked (with `videos`, a folder: its video is there too);
-    all malformed records of the file are reported together in one InputError (none silently dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: " + ("a folder, not an annotation file" if path.is_dir() else
-                                        "annotation file not found"))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    if text.lstrip().startswith("["):
-        records = _json(text)
-        if isinstance(records, json.JSONDecodeError):
-            raise InputError(f"{path}: not valid JSON: {records}")
-        records = [(f"record {i}", r) for i, r in enumerate(records)]
-    else:  # JSON lines: a line that is not JSON is one more malformed record, reported with the others
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        records = [(f"record {i} (line {n})", _json(line)) for i, (n, line) in enumerate(lines)]
-        if len(records) > 1 and isinstance(_json(text), dict):  # e.g. {"annotations": [...]} over several lines
-            raise InputError(f"{path}: one JSON object; give a JSON list of records or JSON lines (one per line)")
+    """Read a JSON list of annotation records -> the records, each time_gt as lists of [s, e] (and `src`, if any, as
+    a list of [s, e]). Every record is checked (with `videos`, a folder: its video is there too); all malformed
+    records of the file are reported together in one InputError (none silently dropped)."""
+    records = read_json(path)
+    if not isinstance(records, list):
+        raise InputError(f"{path}: one JSON {type(records).__name__}; give a JSON list of records")
     if not records:
-        raise InputError(f"{path}: no records (an empty file or list)")
-    return check_records(path, records, videos)
-
-
-def _json(text):
-    """The value `text` holds, or the json.JSONDecodeError that says why it holds none."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        return e
+        raise InputError(f"{path}: no records (an empty list)")
+    return check_records(path, [(f"record {i}", r) for i, r in enumerate(records)], videos)
 
 
 def check_records(path, records, videos=None):
@@ -208,8 +148,6 @@ def _is_number_pair(x):
 
 def _check_record(r):
     """-> list of problems with one record (empty if it is well formed)."""
-    if isinstance(r, json.JSONDecodeError):
-        return [f"not valid JSON: {r}"]
     if not isinstance(r, dict):
         return ["not a JSON object"]
     problems = []

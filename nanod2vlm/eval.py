@@ -34,8 +34,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from nanod2vlm.checkpoint import latest, load_safetensors_into, write_atomic
-from nanod2vlm.data import InputError, cli, frame_span, normalize, read_annotations
+from nanod2vlm.checkpoint import latest, load_safetensors_into
+from nanod2vlm.data import frame_span, normalize, read_annotations, turns
+from nanod2vlm.files import InputError, cli, read_json, write_atomic
 from nanod2vlm.model import Config, QFormerLayer
 from nanod2vlm.tokenizer import WordPiece
 from nanod2vlm.world import ensure_world
@@ -125,13 +126,7 @@ def read_benchmark(path, videos=None):
 
 def _json(path):
     """A JSON annotation file -> its records (TimeIT keeps them under "annotations")."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: annotation file not found ({e.strerror})") from None
-    except ValueError as e:  # also a file that is not UTF-8
-        raise InputError(f"{path}: not a JSON annotation file ({e})") from None
+    data = read_json(path)
     data = data["annotations"] if isinstance(data, dict) and "annotations" in data else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise InputError(f'{path}: expected a list of records, or TimeIT\'s {{"annotations": [records]}}')
@@ -141,12 +136,11 @@ def _json(path):
 def _world(r, i):
     """A world record -> its E.T. Bench record; `g`, a dense answer's captions (the text after each answer <evi>),
     and `answer`, the answer stage's text (a qa answer is right when its first sentence is this one's)."""
-    turns = {c["from"]: c["value"] for c in r["conversations"]}
+    said = turns(r)["gpt"].split("</evi>")[-1]
     task, spans = WORLD_TASK.get(r.get("task", "single")), r["time_gt"]["interleaved_response"]
     if task is None:
         raise InputError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
-    said = turns["gpt"].split("</evi>")[-1]
-    return dict(task=task, source="world", idx=i, video=r["video"], q=turns["human"].replace("<image>", "").strip(),
+    return dict(task=task, source="world", idx=i, video=r["video"], q=turns(r)["human"].replace("<image>", "").strip(),
                 tgt=spans if task in ("tal", "dvc") else spans[0], g=[c.strip() for c in said.split("<evi>")[1:]],
                 answer=said.strip())
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from nanod2vlm.files import write_atomic
+
 # Phi-3-mini-4k-instruct's added tokens, at base_size + i (base 32000 -> <|endoftext|> 32000 ... <|user|> 32010)
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
               "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>"]
@@ -62,7 +64,6 @@ class Tokenizer:
         """Train a small byte-fallback BPE sentencepiece model on `texts`, with the special tokens as single pieces.
         It is tiny, so every run trains it again (one thread: the same texts give the same bytes); it is written to
         `path` unless that file already holds it."""
-        from nanod2vlm.checkpoint import write_atomic  # here: nanod2vlm.checkpoint imports this module
         out = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=(line for t in texts for line in t.split("\n") if line), model_writer=out,
@@ -179,6 +180,5 @@ class WordPiece:
         words = sorted({w for t in texts for w in basic_tokenize(t)})
         chars = sorted({c for w in words for c in w})
         tokens = dict.fromkeys(SPECIALS + words + chars + ["##" + c for c in chars])  # ordered, no duplicates
-        from nanod2vlm.checkpoint import write_atomic  # here: nanod2vlm.checkpoint imports this module
         write_atomic(vocab_file, "".join(t + "\n" for t in tokens))
         return cls(vocab_file)

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 import sample
 import train
 from nanod2vlm.checkpoint import (CheckpointError, etchat_rename, export, load_model, load_phi3, load_safetensors_into,
-                                  official_name, phi3_fields, write_atomic)
+                                  official_name, phi3_fields)
+from nanod2vlm.files import write_atomic
 from nanod2vlm.data import read_annotations
 from nanod2vlm.model import CONFIGS, D2VLM, Config, Phi3, build_mask, is_adapter
 from nanod2vlm.tokenizer import PHI3_ADDED, Tokenizer, WordPiece

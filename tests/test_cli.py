@@ -59,7 +59,7 @@ def fails(capsys, main, *argv):
 
 
 def test_each_script_prints_one_line_and_no_traceback(tmp):
-    """`python X.py ...` as a user runs it: the scripts' __main__ go through the one data.cli."""
+    """`python X.py ...` as a user runs it: the scripts' __main__ go through the one files.cli."""
     for argv, line in ((["sample.py", tmp / "nope.mp4", Q, "--ckpt", tmp / "run"], f"{tmp}/nope.mp4: file not found"),
                        (["train.py", "--steps=abc"], "--steps=abc: not a valid int"),
                        (["synth.py", tmp / "nope.json"], f"{tmp}/nope.json: annotation file not found")):
@@ -79,8 +79,9 @@ def spans(*s):
 
 ANNOTATIONS = {  # case -> (the file's bytes from the tiny world's first record, words train.py and synth.py print)
     "not UTF-8": (lambda r: b'[{"video": "\xff"}]', ["not UTF-8 text (byte 12)"]),
-    "empty": (lambda r: b"", ["no records"]),
-    "a JSON object": (lambda r: json.dumps(r, indent=1).encode(), ["one JSON object; give a JSON list"]),
+    "empty": (lambda r: b"", ["not valid JSON"]),
+    "an empty list": (lambda r: b"[]", ["no records"]),
+    "a JSON object": (lambda r: json.dumps(r, indent=1).encode(), ["one JSON dict; give a JSON list of records"]),
     "not JSON": (lambda r: b'[{"video": ', ["not valid JSON"]),
     "end before start": (spans([5, 1]), ["time_gt.evidence_grounding must be a list of [s, e] with 0 <= s <= e"]),
     "a negative time": (spans([-1, 2]), ["<= duration, got [[-1, 2]]"]),

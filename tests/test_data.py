@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nanod2vlm.data as data
-from nanod2vlm.data import (InputError, ablate, FrameCache, VideoDataset, collate, frame_span, frame_targets,
+from nanod2vlm.files import InputError
+from nanod2vlm.data import (ablate, FrameCache, VideoDataset, collate, frame_span, frame_targets,
                             read_annotations)
 from nanod2vlm.tokenizer import Tokenizer
 from test_video import make_video
@@ -33,18 +34,18 @@ def test_all_malformed_records_reported_json_list(tmp_path):
     assert len(read_annotations(p)) == 2
 
 
-def test_all_malformed_records_reported_json_lines(tmp_path):
-    lines = [json.dumps(record()), "", json.dumps(record(eg=[(3, 2), (1, 2)])), "{not json",
-             json.dumps({**record(), "conversations": [{"from": "human", "value": "no image tag"}]})]
-    p = tmp_path / "ann.jsonl"
-    p.write_text("\n".join(lines) + "\n")
+def test_every_malformed_record_is_named_with_each_of_its_problems(tmp_path):
+    recs = [record(), record(eg=[(3, 2), (1, 2)]), "not an object",
+            {**record(), "conversations": [{"from": "human", "value": "no image tag"}]}]
+    p = tmp_path / "ann.json"
+    p.write_text(json.dumps(recs))
     with pytest.raises(InputError) as e:
         read_annotations(p)
     msg = str(e.value)
     assert str(p) in msg and "3 malformed" in msg
-    assert "record 1 (line 3): time_gt.evidence_grounding must be a list of [s, e] with 0 <= s <= e" in msg
-    assert "record 2 (line 4): not valid JSON" in msg
-    assert "record 3 (line 5): 'conversations' needs a human turn" in msg and "; 'conversations' needs a gpt" in msg
+    assert "record 1: time_gt.evidence_grounding must be a list of [s, e] with 0 <= s <= e" in msg
+    assert "record 2: not a JSON object" in msg
+    assert "record 3: 'conversations' needs a human turn" in msg and "; 'conversations' needs a gpt" in msg
 
 
 def test_a_frame_placeholder_in_the_answer_is_rejected(tmp_path):
@@ -107,11 +108,11 @@ def test_frame_targets_against_loop():
 
 
 def tiny_world(tmp_path):
-    """Two videos (6 s and 4 s, 4 fps) and a JSON-lines file with one record each."""
+    """Two videos (6 s and 4 s, 4 fps) and an annotation file with one record each."""
     for name, n in (("v0.mp4", 24), ("v1.mp4", 16)):
         make_video(tmp_path / name, [i / 4 for i in range(n)], [50 + 5 * i for i in range(n)], rate=4)
     recs = [record(), record("v1.mp4", 4.0, eg=[(0.5, 1.0)], ir=[(0.3, 0.5)], answer="<evi> </evi> At <evi>, done.")]
-    (tmp_path / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "ann.json").write_text(json.dumps(recs))
     tok = Tokenizer.nano([r["conversations"][1]["value"] for r in recs] * 5, tmp_path / "tok.model", vocab_size=300)
     q_tokenize = lambda text: [101] + [len(w) for w in text.split()] + [102]  # stands in for WordPiece
     return recs, tok, q_tokenize
@@ -119,7 +120,7 @@ def tiny_world(tmp_path):
 
 def test_collated_batch(tmp_path):
     recs, tok, q_tokenize = tiny_world(tmp_path)
-    ds = VideoDataset(tmp_path / "ann.jsonl", tok, q_tokenize, FrameCache(tmp_path / "cache"), fps=2, size=32)
+    ds = VideoDataset(tmp_path / "ann.json", tok, q_tokenize, FrameCache(tmp_path / "cache"), fps=2, size=32)
     b = collate([ds[0], ds[1]], tok.pad_id)
     T = [12, 8]  # 6 s and 4 s at 2 fps
     assert b["frames"].shape == (2, 12, 3, 32, 32) and b["frm_valid"].sum(1).tolist() == T

@@ -119,9 +119,9 @@ def test_synth_pairs_are_consistent():
             "textual/repeat"} <= counts_all
 
 
-def test_cli_is_deterministic_and_reads_json_lines(tmp_path, capsys):
-    src = tmp_path / "train.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in RECORDS + [RECORDS[1] | {"duration": 35.0}]))
+def test_cli_is_deterministic(tmp_path, capsys):
+    src = tmp_path / "records.json"
+    src.write_text(json.dumps(RECORDS + [RECORDS[1] | {"duration": 35.0}]))
     bad = record("bad", 30.0, [[1.0, 2.0]], "<evi> </evi> Twice: <evi>.")  # well formed, but the two stages
     bad["time_gt"]["interleaved_response"] = [[3.0, 4.0]]                   # ground different events
     (tmp_path / "train.json").write_text(json.dumps(RECORDS + [bad]))

@@ -14,7 +14,8 @@ import torch
 
 import synth
 import train
-from nanod2vlm.data import InputError, read_annotations
+from nanod2vlm.data import read_annotations
+from nanod2vlm.files import InputError
 from conftest import TINY
 
 TINY = TINY + ["--grad_accum=1", "--warmup=0"]
@@ -214,7 +215,7 @@ def test_full_fpo_presets_need_an_init():
     given by --init (the nano FPO default init, runs/nano, would be the wrong model)."""
     t, _ = train.parse(["--config=full", "--stage=fpo", "--init=runs/full"])
     assert (t.init, t.grad_accum, t.lr, t.batch_size, t.w_cons) == ("runs/full", 8, 2e-5, 1, 10.0)
-    with pytest.raises(InputError, match="--init"):  # train.main prints it as one line (data.cli)
+    with pytest.raises(InputError, match="--init"):  # train.main prints it as one line (files.cli)
         train.parse(["--config=full", "--stage=fpo"])
     assert train.parse(["--stage=fpo"])[0].init == "runs/nano"
 

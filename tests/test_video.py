@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanod2vlm.data import InputError, normalize, read_video
+from nanod2vlm.data import normalize, read_video
+from nanod2vlm.files import InputError
 
 
 def make_video(path, times, levels, rate=30, codec="libx264", w=64, h=48, options=None):
