@@ -33,7 +33,8 @@ LLM_PROMPT = ("Rewrite this sentence with one key detail (a colour, shape, actio
 
 def parse(rec):
     """Record -> events [(s, e, chunk)] in temporal order; None if the stages and time_gt do not line up."""
-    value, dur = turns(rec)["gpt"], rec["duration"]
+    value = turns(rec)["gpt"]
+    dur = rec["duration"]
     if value.count("</evi>") != 1:
         return None
     stage1, stage2 = value.split("</evi>")
@@ -78,7 +79,8 @@ def swappable(chunk, vocab):
     """[(word match, its replacements)]: other words of its class that keep both neighbouring word pairs seen in
     the corpus, so the distortion stays a plausible sentence (the paper's LLM writes sensible text) and never
     invents a combination the corpus lacks (a held-out colour-shape pair would otherwise become a negative)."""
-    ms, out = list(TOKEN.finditer(chunk)), []
+    ms = list(TOKEN.finditer(chunk))
+    out = []
     for j, m in enumerate(ms):
         prev, nxt = (ms[i].group().lower() if 0 <= i < len(ms) else None for i in (j - 1, j + 1))
         reps = [w for w in vocab["words"].get(word_class(m.group()), ()) if w != m.group().lower()
@@ -102,7 +104,8 @@ def shift_ranges(ev, k, dur):
     """Offsets of at least max(20% of the length, 1.5 s) that keep the start between the neighbours' starts
     and at most half the interval clipped off at the video's ends."""
     s, e, _ = ev[k]
-    L, m = e - s, max(0.2 * (e - s), 1.5)
+    L = e - s
+    m = max(0.2 * L, 1.5)  # the smallest offset
     lo = max(-s - L / 2, ev[k - 1][0] - s if k else -dur)
     hi = min(dur - e + L / 2, ev[k + 1][0] - s if k + 1 < len(ev) else dur)
     return [(a, b) for a, b in ((lo, -m), (m, hi)) if b > a]
@@ -175,7 +178,10 @@ def perturb(ev, dur, rng, vocab, llm=None):
 def synth(records, seed=0, llm=None):
     """Annotation records (as read_annotations checks them) -> (preference pairs, Counter of factor/sub-factor and
     skipped counts)."""
-    rng, vocab, pairs, counts = random.Random(seed), build_vocab(records), [], Counter()
+    rng = random.Random(seed)
+    vocab = build_vocab(records)
+    pairs = []
+    counts = Counter()
     for rec in records:
         ev = parse(rec)
         out = ev and perturb(ev, rec["duration"], rng, vocab, llm)
@@ -198,7 +204,8 @@ def llm_distorter(hf_dir, max_new_tokens=64):
     import torch
     from nanod2vlm.checkpoint import load_phi3
     from nanod2vlm.tokenizer import Tokenizer
-    tok, llm = Tokenizer.phi3(hf_dir), load_phi3(hf_dir)
+    tok = Tokenizer.phi3(hf_dir)
+    llm = load_phi3(hf_dir)
 
     def ask(chunk):
         ids = tok.encode(tok.chat(LLM_PROMPT.format(chunk=chunk)))

@@ -31,11 +31,11 @@ from nanod2vlm.eval import evaluate, predictions_path, print_metrics
 class Train:
     stage: str = "sft"             # sft | fpo
     config: str = "nano"           # nano | full
-    data: str = "data/world"       # folder with train.json / test.json; the synthetic world is rendered there if missing
+    data: str = "data/world"       # folder with train.json / test.json; the synthetic world is rendered if missing
     world_train: int = 300         # synthetic world size (videos) when it is rendered
     world_test: int = 60
     train_json: str = ""           # default: {data}/train.json (sft) or {data}/fpo_pairs.json (fpo)
-    eval_json: str = ""            # comma-separated files to evaluate at the end; default {data}/test.json; "none": none
+    eval_json: str = ""            # comma-separated files to evaluate at the end (default {data}/test.json), or none
     out: str = "runs/nano"
     init: str = ""                 # start from this checkpoint: a run of ours (fpo: the SFT run) or an official merged
                                    # folder (full: E.T. Chat stage-2, as the released SFT starts)
@@ -82,7 +82,8 @@ def parse(argv):
     if {"-h", "--help"} & set(argv):
         print(__doc__ + "\n" + inspect.getsource(Train) + "\n" + inspect.getsource(Config))
         sys.exit(0)
-    kv, args = {}, list(argv)
+    kv = {}
+    args = list(argv)
     while args:  # --name=value, --name value, or a bare --flag (true)
         key, eq, val = args.pop(0).removeprefix("--").partition("=")
         if not eq and args and not args[0].startswith("--"):
@@ -95,43 +96,44 @@ def parse(argv):
 
     def override(obj):
         return replace(obj, **{k: cast(k, type(getattr(obj, k)), v) for k, v in kv.items() if hasattr(obj, k)})
-    t = override(Train())
-    if t.resume:  # the run continues as it was started: its saved settings, which no flag may contradict
-        ckpt = latest(t.out)
-        if ckpt == t.out:
-            raise InputError(f"--resume: no checkpoint in {t.out} (expected {t.out}/latest); give the run's --out")
+    run = override(Train())
+    if run.resume:  # the run continues as it was started: its saved settings, which no flag may contradict
+        ckpt = latest(run.out)
+        if ckpt == run.out:
+            raise InputError(f"--resume: no checkpoint in {run.out} (expected {run.out}/latest); give the run's --out")
         try:
             state = json.load(open(os.path.join(ckpt, "state.json")))
-            saved = {"bucket": 0} | {k: v for k, v in state["train"].items() if hasattr(t, k)}  # older runs: no bucket
+            # a run saved before --bucket existed trained unbucketed
+            saved = {"bucket": 0} | {k: v for k, v in state["train"].items() if hasattr(run, k)}
             saved = replace(Train(**saved), resume=True)
             saved_cfg = _config(state["config"])
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{ckpt}: not a nanod2vlm checkpoint ({e}); name an earlier step in "
-                                  f"{t.out}/latest") from None
-        t, cfg = override(saved), override(saved_cfg)
-        if bad := [f"--{k}={v} (the run's: {getattr(x, k)})" for x, y in ((saved, t), (saved_cfg, cfg))
+                                  f"{run.out}/latest") from None
+        run, cfg = override(saved), override(saved_cfg)
+        if bad := [f"--{k}={v} (the run's: {getattr(x, k)})" for x, y in ((saved, run), (saved_cfg, cfg))
                    for k, v in asdict(y).items() if v != getattr(x, k) and k not in FREE_ON_RESUME]:
             raise InputError(f"--resume continues {ckpt} as it was started; these flags contradict it: "
                              f"{', '.join(bad)} (a new run: --init={ckpt} --out=NEW)")
         print(f"--resume: {ckpt} with its model and its run's settings: " + ", ".join(
-            f"{k}={v}" for k, v in asdict(t).items() if v != getattr(Train(), k) and k != "resume"))
+            f"{k}={v}" for k, v in asdict(run).items() if v != getattr(Train(), k) and k != "resume"))
     else:
-        fpo, full = t.stage == "fpo", t.config == "full"
+        fpo, full = run.stage == "fpo", run.config == "full"
         presets = (FPO if fpo else {}) | (FULL if full else {}) | (FULL_FPO if fpo and full else {})
-        t = replace(t, **{k: v for k, v in presets.items() if k not in kv})
-        if fpo and not t.init:
+        run = replace(run, **{k: v for k, v in presets.items() if k not in kv})
+        if fpo and not run.init:
             raise InputError("--stage=fpo: give --init, the SFT run (or its official export) to start from")
-        cfg = override(CONFIGS[t.config])
+        cfg = override(CONFIGS[run.config])
     low = dict(steps=1, batch_size=1, grad_accum=1, ckpt_every=1)  # the other numbers: >= 0
-    bad = [f"--{k}={v}: give a number >= {low.get(k, 0)}" for k, v in asdict(t).items()
+    bad = [f"--{k}={v}: give a number >= {low.get(k, 0)}" for k, v in asdict(run).items()
            if type(v) in (int, float) and not v >= low.get(k, 0)]
-    if t.stage not in ("sft", "fpo"):
-        bad.append(f"--stage={t.stage}: sft or fpo")
+    if run.stage not in ("sft", "fpo"):
+        bad.append(f"--stage={run.stage}: sft or fpo")
     if bad:
         raise InputError("; ".join(bad))
-    writable(t.out, "--out")  # now, not at the first checkpoint
-    writable(os.path.join(t.data, "cache"), "--data (its frame cache)")
-    return t, cfg
+    writable(run.out, "--out")  # now, not at the first checkpoint
+    writable(os.path.join(run.data, "cache"), "--data (its frame cache)")
+    return run, cfg
 
 
 FREE_ON_RESUME = {"resume", "out", "ckpt_every", "compile", "vit_cache", "eval_json"}  # the losses stay the same
@@ -148,10 +150,10 @@ def cast(key, typ, val):
 BOOL = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def lr_at(step, t):
+def lr_at(step, run):
     """Cosine schedule with linear warm-up."""
-    warm = max(1, int(t.warmup * t.steps))
-    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step, t.steps) / t.steps))
+    warm = max(1, int(run.warmup * run.steps))
+    return min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(step, run.steps) / run.steps))
 
 
 def batch_indices(g, n, bs, seed, lengths=None, window=0):
@@ -196,20 +198,21 @@ def vit_tag(model, dev):
     return "vit" + h.hexdigest()[:12] + ("" if dev == "cpu" else "bf16")
 
 
-def keep(rec, t):
+def keep(rec, run):
     """The released SFT's filters: the video's duration, and the words of the first gpt message split on " "."""
     words = len(turns(rec)["gpt"].split(" "))
-    return t.min_duration <= rec["duration"] <= t.max_duration and (not t.max_words or words <= t.max_words)
+    return run.min_duration <= rec["duration"] <= run.max_duration and (not run.max_words or words <= run.max_words)
 
 
-def build_tokenizers(t):
+def build_tokenizers(run):
     """nano: a sentencepiece model and a WordPiece vocab trained on the training texts (the world's grammar);
     full: Phi-3's tokenizer.model and bert-base-uncased's vocab.txt."""
-    if t.hf_llm:
-        return Tokenizer.phi3(t.hf_llm), WordPiece(t.bert_vocab)
-    texts = [c["value"].replace("<image>\n", "") for r in read_annotations(t.train_json or os.path.join(t.data, "train.json"))
-             for c in r["conversations"]]
-    return Tokenizer.nano(texts, os.path.join(t.data, "tokenizer.model")), WordPiece.build(texts, os.path.join(t.data, "vocab.txt"))
+    if run.hf_llm:
+        return Tokenizer.phi3(run.hf_llm), WordPiece(run.bert_vocab)
+    records = read_annotations(run.train_json or os.path.join(run.data, "train.json"))
+    texts = [c["value"].replace("<image>\n", "") for r in records for c in r["conversations"]]
+    tok = Tokenizer.nano(texts, os.path.join(run.data, "tokenizer.model"))
+    return tok, WordPiece.build(texts, os.path.join(run.data, "vocab.txt"))
 
 
 class PairDataset:
@@ -243,7 +246,7 @@ class PairDataset:
 # ------------------------------------------------------------------------------------------------------- main
 @cli
 def main(argv):
-    t, cfg = parse(argv)
+    run, cfg = parse(argv)
     # torchrun sets RANK and WORLD_SIZE: one process per device, each with its share of every batch
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -252,60 +255,60 @@ def main(argv):
         torch.cuda.set_device(dev)
     if ddp:
         dist.init_process_group("gloo" if dev == "cpu" else "nccl")
-    torch.manual_seed(t.seed)
+    torch.manual_seed(run.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
 
     # data: the synthetic world (rendered once), tokenizers, datasets
-    if t.config == "nano" and not os.path.exists(os.path.join(t.data, "train.json")):
+    if run.config == "nano" and not os.path.exists(os.path.join(run.data, "train.json")):
         from nanod2vlm.world import ensure_world
         if rank == 0:
-            ensure_world(t.data, n_train=t.world_train, n_test=t.world_test, seed=t.seed)
+            ensure_world(run.data, n_train=run.world_train, n_test=run.world_test, seed=run.seed)
         if ddp:
             dist.barrier()
-    init = latest(t.out) if t.resume else t.init
+    init = latest(run.out) if run.resume else run.init
     if init:  # the checkpoint brings its tokenizers, weights and config (an official folder: Phi-3's, the rest cfg)
-        model, tok, wp, state = load_model(init, bert_vocab=t.bert_vocab, cfg=cfg)
+        model, tok, wp, state = load_model(init, bert_vocab=run.bert_vocab, cfg=cfg)
         cfg = model.cfg
     else:
-        tok, wp = build_tokenizers(t)
-        cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.vocab_size) if t.hf_llm else tok.vocab_size,
+        tok, wp = build_tokenizers(run)
+        cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.vocab_size) if run.hf_llm else tok.vocab_size,
                       qf_vocab=len(wp.vocab), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,
                       end_id=tok.end_id)
-        state = dict(base=dict(hf_llm=t.hf_llm, eva=t.eva))
+        state = dict(base=dict(hf_llm=run.hf_llm, eva=run.eva))
         model = build_d2vlm(cfg, **state["base"])
     if cfg.lora_r:
         mark_trainable(model)
         if "official" not in state["base"]:  # no E.T. Chat compressor to start from: the random one trains whole
             model.compressor.requires_grad_(True)
-    cache = FrameCache(os.path.join(t.data, "cache"))
-    train_json = t.train_json or os.path.join(t.data, "train.json" if t.stage == "sft" else "fpo_pairs.json")
-    video = dict(fps=cfg.fps, size=cfg.img_size, max_frames=cfg.max_frames, alpha=t.soft_alpha or None)
-    if t.vit_cache:  # the frozen tower encodes each video once; batches then carry its features (B, T, P, W)
+    cache = FrameCache(os.path.join(run.data, "cache"))
+    train_json = run.train_json or os.path.join(run.data, "train.json" if run.stage == "sft" else "fpo_pairs.json")
+    video = dict(fps=cfg.fps, size=cfg.img_size, max_frames=cfg.max_frames, alpha=run.soft_alpha or None)
+    if run.vit_cache:  # the frozen tower encodes each video once; batches then carry its features (B, T, P, W)
         video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model, dev))
-    if t.stage == "sft":
+    if run.stage == "sft":
         every = read_annotations(train_json, videos=os.path.dirname(train_json))  # every video there, checked now
-        records = [ablate(r, cfg) for r in every if keep(r, t)]
+        records = [ablate(r, cfg) for r in every if keep(r, run)]
         if len(records) < len(every):
-            say(f"{len(every) - len(records)} of {len(every)} records dropped: duration outside [{t.min_duration}, "
-                f"{t.max_duration}] s or more than {t.max_words} words in the first answer")
+            say(f"{len(every) - len(records)} of {len(every)} records dropped: duration outside [{run.min_duration}, "
+                f"{run.max_duration}] s or more than {run.max_words} words in the first answer")
         ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)
     else:
         if not os.path.exists(train_json) and rank == 0:  # synth.py writes the preference pairs (Sec. 5)
             synth = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py")
-            if subprocess.run([sys.executable, synth, os.path.join(t.data, "train.json"), train_json,
-                               f"--seed={t.seed}"]).returncode:
+            if subprocess.run([sys.executable, synth, os.path.join(run.data, "train.json"), train_json,
+                               f"--seed={run.seed}"]).returncode:
                 raise InputError(f"synth.py could not write {train_json} (its error is above)")
         if ddp:
             dist.barrier()
         ds = PairDataset(train_json, tok, wp.encode, cache, **video)
     # the learning picture: one held-out question's first <evi>, its similarity to every frame (teacher-forced) at a
     # few steps; kept in the checkpoints' state, so that a resumed run draws the whole picture
-    held_out = os.path.join(t.data, "test.json")
+    held_out = os.path.join(run.data, "test.json")
     probe = None
-    if t.config == "nano" and rank == 0 and os.path.exists(held_out):  # rank 0 draws it
+    if run.config == "nano" and rank == 0 and os.path.exists(held_out):  # rank 0 draws it
         rec = ablate(read_annotations(held_out)[0], cfg)
         probe = dict(VideoDataset(held_out, tok, wp.encode, cache, records=[rec], **video)[0], record=rec)
-    probe_at = {0, t.steps // 16, t.steps // 8, t.steps // 4, t.steps // 2, t.steps}
+    probe_at = {0, run.steps // 16, run.steps // 8, run.steps // 4, run.steps // 2, run.steps}
     model.to(dev)
     if dev != "cpu":  # Phi-3's frozen weights in bf16 (the ViT keeps fp32); everything runs under bf16 autocast there
         cast_frozen(model.llm, torch.bfloat16)
@@ -313,45 +316,48 @@ def main(argv):
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trained]
     groups = [dict(params=[p for n, p in trained if ("lora_" in n) == lora], lr=lr, base_lr=lr)
-              for lora, lr in ((False, t.lr), (True, t.lora_lr))]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, t.beta2), weight_decay=t.weight_decay,
+              for lora, lr in ((False, run.lr), (True, run.lora_lr))]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=(0.9, run.beta2), weight_decay=run.weight_decay,
                             fused=dev != "cpu")
-    step, history, probes = 0, [], []
-    if t.resume:
+    step = 0
+    history = []  # the logged losses of every step
+    probes = []  # (step, the probe's sigmoid(sim)) for the learning picture
+    if run.resume:
         step, history, probes = state["step"], state["history"], state.get("probes", [])
         load_optimizer(opt, os.path.join(init, "optim.safetensors"))
         say(f"resumed {init} at step {step}")
     durations = [r["duration"] for r in ds.records]  # a sample's length is mostly its frames
-    fwd = torch.compile(model, dynamic=True) if t.compile else model
+    fwd = torch.compile(model, dynamic=True) if run.compile else model
     n_params = sum(p.numel() for p in params)
-    say(f"{t.stage} | {t.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+    say(f"{run.stage} | {run.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"({n_params / 1e6:.2f}M trainable) | {len(ds)} samples | {world} process(es) on {dev}")
 
     # loop
-    os.makedirs(t.out, exist_ok=True)
+    os.makedirs(run.out, exist_ok=True)
     model.train()
-    bar = tqdm(total=t.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    t0, ntok = time.time(), 0
+    bar = tqdm(total=run.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    t0 = time.time()
+    ntok = 0  # the tokens seen, for the tokens/s on the bar
     if probe and step == 0:
         probes.append((0, probe_sim(model, probe, tok.pad_id, dev)))
-    while step < t.steps:
+    while step < run.steps:
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * lr_at(step, t)
+            g["lr"] = g["base_lr"] * lr_at(step, run)
         logs = {}
-        for micro in range(t.grad_accum):
-            gidx = (step * t.grad_accum + micro) * world + rank
-            idx = batch_indices(gidx, len(ds), t.batch_size, t.seed, durations, t.bucket)
+        for micro in range(run.grad_accum):
+            gidx = (step * run.grad_accum + micro) * world + rank
+            idx = batch_indices(gidx, len(ds), run.batch_size, run.seed, durations, run.bucket)
             b = to(collate([ds[i] for i in idx], tok.pad_id), dev)
             with amp(dev):
                 out = fwd(b)
-                if t.stage == "sft":
-                    loss, parts = sft_loss(*out, b, t.w_gnd, t.w_cons, match=cfg.evi_unit == "frame")
+                if run.stage == "sft":
+                    loss, parts = sft_loss(*out, b, run.w_gnd, run.w_cons, match=cfg.evi_unit == "frame")
                 else:
-                    loss, parts = fpo_step_loss(*out, b, t.beta, t.w_gnd, t.w_cons)
-            (loss / t.grad_accum).backward()
+                    loss, parts = fpo_step_loss(*out, b, run.beta, run.w_gnd, run.w_cons)
+            (loss / run.grad_accum).backward()
             ntok += int(b["valid"].sum() + b["resp_valid"].sum()) * world
             for k, v in dict(loss=loss.item(), **parts).items():
-                logs[k] = logs.get(k, 0.0) + v / t.grad_accum
+                logs[k] = logs.get(k, 0.0) + v / run.grad_accum
         if ddp:  # average gradients and logged losses over processes: what DistributedDataParallel does
             for p in params:
                 if p.grad is not None:
@@ -369,27 +375,27 @@ def main(argv):
             probes.append((step, probe_sim(model, probe, tok.pad_id, dev)))
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{ntok / (time.time() - t0):.0f}")
-        if rank == 0 and (step % t.ckpt_every == 0 or step == t.steps):
-            save_checkpoint(t.out, model, opt, tok, wp, dict(step=step, train=asdict(t), base=state["base"],
+        if rank == 0 and (step % run.ckpt_every == 0 or step == run.steps):
+            save_checkpoint(run.out, model, opt, tok, wp, dict(step=step, train=asdict(run), base=state["base"],
                                                              history=history, probes=probes))
     bar.close()
     if ddp:
         dist.barrier()
     if rank == 0:
-        plot_learning(history, probes, probe, os.path.join(t.out, "learning.png"))
-        say(f"checkpoint: {latest(t.out)} | losses and the learning picture: {t.out}/learning.png")
+        plot_learning(history, probes, probe, os.path.join(run.out, "learning.png"))
+        say(f"checkpoint: {latest(run.out)} | losses and the learning picture: {run.out}/learning.png")
         # the final evaluation: every file of --eval_json, metrics.json keyed by each file's name ("test", "val")
         metrics = {}
-        for path in (t.eval_json or os.path.join(t.data, "test.json")).split(","):
+        for path in (run.eval_json or os.path.join(run.data, "test.json")).split(","):
             if path == "none":
                 break
             name = os.path.splitext(os.path.basename(path))[0]
             with amp(dev):
-                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(t.out, path))
+                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(run.out, path))
             print(f"== {path}")
             print_metrics(metrics[name])
         if metrics:
-            write_atomic(os.path.join(t.out, "metrics.json"), json.dumps(metrics, indent=1))
+            write_atomic(os.path.join(run.out, "metrics.json"), json.dumps(metrics, indent=1))
     if ddp:
         dist.destroy_process_group()
 

@@ -318,7 +318,9 @@ def _load_tensors(targets, files, rename=None, missing_ok=()):
     """Copy the tensors of safetensors `files` (a later file replaces what an earlier one holds) into `targets` (name
     -> tensor), after checking from the headers alone that they fit exactly: a bad checkpoint fails before anything
     is overwritten. -> the names loaded."""
-    plan, unexpected, shapes = {}, [], []  # plan: target name -> (file, its open handle, the file's key)
+    plan = {}  # target name -> (file, its open handle, the file's key)
+    unexpected = []
+    shapes = []
     for f in files:
         try:
             sf = safe_open(f, framework="pt")

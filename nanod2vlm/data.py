@@ -39,7 +39,10 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
     """
     if not os.path.isfile(path):
         raise InputError(f"{path}: " + ("a folder, not a video file" if os.path.isdir(path) else "file not found"))
-    frames, times, stride, k = [], [], 1, 0  # k: the 1-fps target's number, every stride-th one kept
+    frames = []
+    times = []
+    stride = 1  # every stride-th 1-fps target is kept
+    k = 0  # the 1-fps target's number
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -77,8 +80,8 @@ def read_video(path, fps=1.0, size=224, max_frames=350):
 def _resize_crop(frame, size, scaler):
     """Short side -> size with swscale's bilinear filter (it widens with the scale factor, i.e. antialiased),
     then a center crop to size x size, turned by the display matrix's rotation (frame.rotation, degrees
-    counterclockwise). One `scaler` serves a whole video: swscale's context is then made once, not per frame (~6x
-    faster at 1 fps). Returns uint8 (3, size, size)."""
+    counterclockwise). One `scaler` serves a whole video: swscale's context is then made once, not per frame.
+    Returns uint8 (3, size, size)."""
     w, h = frame.width, frame.height
     s = size / min(w, h)
     w2, h2 = max(size, round(w * s)), max(size, round(h * s))
@@ -235,7 +238,9 @@ class VideoDataset:
                  encode=None, tag="", records=None, exact=False):
         self.root = Path(ann_path).parent
         self.records = read_annotations(ann_path) if records is None else records
-        self.tok, self.q_tokenize, self.cache = tok, q_tokenize, cache or FrameCache()
+        self.tok = tok
+        self.q_tokenize = q_tokenize
+        self.cache = cache or FrameCache()
         self.video = dict(fps=fps, size=size, max_frames=max_frames, encode=encode, tag=tag)
         self.alpha, self.exact = alpha, exact
 
@@ -243,7 +248,9 @@ class VideoDataset:
         return len(self.records)
 
     def __getitem__(self, i):
-        r, tok, fps = self.records[i], self.tok, self.video["fps"]
+        r = self.records[i]
+        tok = self.tok
+        fps = self.video["fps"]
         x, times = self.cache.get(self.root / r["video"], **self.video)
         question = turns(r)["human"].replace("<image>\n", "").replace("<image>", "")
         prompt = torch.tensor(tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's, the <evi> are src's
@@ -266,7 +273,8 @@ class VideoDataset:
 def ablate(rec, cfg):
     """The paper's ablations as data (Tab. 4, 6). cfg.interleave False: the answer states text timestamps instead
     of <evi> references. cfg.evi_unit "frame": one <evi> per boundary frame (start, end) instead of one per event."""
-    gpt, gt = turns(rec)["gpt"], rec["time_gt"]
+    gpt = turns(rec)["gpt"]
+    gt = rec["time_gt"]
     if not cfg.interleave:
         head, tail = gpt.split("</evi>", 1)
         parts = tail.split("<evi>")
