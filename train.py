@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanod2vlm.data import FrameCache, VideoDataset, ablate, check_records, collate, read_annotations, turns
+from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations, read_pairs, turns
 from nanod2vlm.files import InputError, cli, writable, write_atomic
 from nanod2vlm.loss import fpo_step_loss, sft_loss
 from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
@@ -215,34 +215,6 @@ def build_tokenizers(run):
     return tok, WordPiece.build(texts, os.path.join(run.data, "vocab.txt"))
 
 
-class PairDataset:
-    """FPO pairs from synth.py: pair i is one sample with two responses to the same video and question, the chosen
-    and the rejected one (they share the prompt pass)."""
-
-    def __init__(self, path, tok, q_tokenize, cache, **video):
-        side = lambda p, s: dict(video=p["video"], duration=p["duration"], task=p.get("task"), time_gt=p[s]["time_gt"],
-                                 conversations=[dict(value=p["question"], **{"from": "human"}),
-                                                dict(value=p[s]["value"], **{"from": "gpt"})])
-        try:
-            pairs = json.load(open(path, encoding="utf-8"))
-            sides = [[side(p, s) for p in pairs] for s in ("chosen", "rejected")]
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: not a synth.py pairs file ({type(e).__name__}: {e}); write one with "
-                             "`python synth.py TRAIN.json PAIRS.json`") from None
-        sides = [check_records(path, [(f"pair {i} {s}", r) for i, r in enumerate(recs)])
-                 for s, recs in zip(("chosen", "rejected"), sides)]
-        self.chosen, self.rejected = (VideoDataset(path, tok, q_tokenize, cache, records=recs, exact=True, **video)
-                                      for recs in sides)
-        self.records = self.chosen.records
-
-    def __len__(self):
-        return len(self.chosen)
-
-    def __getitem__(self, i):
-        chosen, rejected = self.chosen[i], self.rejected[i]
-        return dict(chosen, responses=chosen["responses"] + rejected["responses"])
-
-
 # ------------------------------------------------------------------------------------------------------- main
 @cli
 def main(argv):
@@ -300,7 +272,8 @@ def main(argv):
                 raise InputError(f"synth.py could not write {train_json} (its error is above)")
         if ddp:
             dist.barrier()
-        ds = PairDataset(train_json, tok, wp.encode, cache, **video)
+        chosen, rejected = read_pairs(train_json)
+        ds = VideoDataset(train_json, tok, wp.encode, cache, records=chosen, rejected=rejected, exact=True, **video)
     # the learning picture: one held-out question's first <evi>, its similarity to every frame (teacher-forced) at a
     # few steps; kept in the checkpoints' state, so that a resumed run draws the whole picture
     held_out = os.path.join(run.data, "test.json")

@@ -113,6 +113,21 @@ def read_annotations(path, videos=None):
     return check_records(path, [(f"record {i}", r) for i, r in enumerate(records)], videos)
 
 
+def read_pairs(path):
+    """synth.py's preference pairs -> (chosen records, rejected records): pair i's two responses to one video and
+    question, each side checked as annotation records are."""
+    pairs = read_json(path, "pairs file")
+    side = lambda p, s: dict(video=p["video"], duration=p["duration"], task=p.get("task"), time_gt=p[s]["time_gt"],
+                             conversations=[dict(value=p["question"], **{"from": "human"}),
+                                            dict(value=p[s]["value"], **{"from": "gpt"})])
+    try:
+        sides = {s: [side(p, s) for p in pairs] for s in ("chosen", "rejected")}
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a synth.py pairs file ({type(e).__name__}: {e}); write one with "
+                         "`python synth.py TRAIN.json PAIRS.json`") from None
+    return [check_records(path, [(f"pair {i} {s}", r) for i, r in enumerate(recs)]) for s, recs in sides.items()]
+
+
 def check_records(path, records, videos=None):
     """(where, record) pairs of `path` -> the records, normalised and checked (with `videos`, a folder: each record's
     video is there too); every malformed one reported in one InputError."""
@@ -231,43 +246,50 @@ def frame_targets(times, interval, alpha=None, exact=False, fps=1.0):
 
 
 class VideoDataset:
-    """One tokenised SFT sample per annotation record; videos are resolved relative to the file. `records` replaces
-    the file's own records. exact: soft targets from unrounded interval ends (FPO's)."""
+    """One tokenised sample per annotation record: its prompt and its response (SFT), or with `rejected` (FPO, the
+    other side of read_pairs) a second response, the rejected one, to the same video and question. Videos are
+    resolved relative to the file; `records` replaces the file's own. exact: soft targets from unrounded interval
+    ends (FPO's)."""
 
     def __init__(self, ann_path, tok, q_tokenize, cache=None, fps=1.0, size=224, max_frames=350, alpha=None,
-                 encode=None, tag="", records=None, exact=False):
+                 encode=None, tag="", records=None, rejected=None, exact=False):
         self.root = Path(ann_path).parent
         self.records = read_annotations(ann_path) if records is None else records
         self.tok = tok
         self.q_tokenize = q_tokenize
         self.cache = cache or FrameCache()
         self.video = dict(fps=fps, size=size, max_frames=max_frames, encode=encode, tag=tag)
-        self.alpha, self.exact = alpha, exact
+        self.rejected = rejected
+        self.alpha = alpha
+        self.exact = exact
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
         r = self.records[i]
-        tok = self.tok
-        fps = self.video["fps"]
         x, times = self.cache.get(self.root / r["video"], **self.video)
         question = turns(r)["human"].replace("<image>\n", "").replace("<image>", "")
-        prompt = torch.tensor(tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's, the <evi> are src's
-        # the response apart from the prompt (the generation prompt), <|end|> included; the k-th <evi> of each stage
-        # refers to the k-th interval of that stage (read_annotations checked the counts)
-        resp = torch.tensor(tok.encode(turns(r)["gpt"] + "<|end|>"))
-        eg, ir = (r.get("time_gt", {}).get(key, []) for key in ("evidence_grounding", "interleaved_response"))
-        y = [frame_targets(times, span, self.alpha, self.exact, fps) for span in eg + ir]
-        response = dict(resp=resp, evi_pos=(resp == tok.evi_id).nonzero().flatten(),
-                        evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
-                        evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),
-                        evi_span=frame_spans(times, eg + ir, fps),
-                        evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
+        prompt = torch.tensor(self.tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's: <evi> are src's
+        answers = [r] if self.rejected is None else [r, self.rejected[i]]
         return dict(ids=prompt, frames=x if self.video["encode"] else normalize(x), times=times,
                     q_ids=torch.tensor(self.q_tokenize(question)),
-                    src_pos=(prompt == tok.evi_id).nonzero().flatten(),  # question-side <evi>, one per src interval
-                    src_span=frame_spans(times, r.get("src", []), fps), responses=[response])
+                    src_pos=(prompt == self.tok.evi_id).nonzero().flatten(),  # question-side <evi>, one per interval
+                    src_span=frame_spans(times, r.get("src", []), self.video["fps"]),
+                    responses=[self.response(a, times) for a in answers])
+
+    def response(self, r, times):
+        """Record r's response apart from the prompt (the generation prompt), <|end|> included, and its <evi>: the
+        k-th <evi> of each stage refers to the k-th interval of that stage (read_annotations checked the counts)."""
+        fps = self.video["fps"]
+        resp = torch.tensor(self.tok.encode(turns(r)["gpt"] + "<|end|>"))
+        eg, ir = (r.get("time_gt", {}).get(key, []) for key in ("evidence_grounding", "interleaved_response"))
+        y = [frame_targets(times, span, self.alpha, self.exact, fps) for span in eg + ir]
+        return dict(resp=resp, evi_pos=(resp == self.tok.evi_id).nonzero().flatten(),
+                    evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
+                    evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),
+                    evi_span=frame_spans(times, eg + ir, fps),
+                    evi_y=torch.stack(y) if y else torch.zeros(0, len(times)))
 
 
 def ablate(rec, cfg):
