@@ -182,34 +182,32 @@ def eva_rename(cfg):
     return rename
 
 
+# Official names and ours, both ways from one table: the first prefix that fits is swapped (Phi-3's HF names sit
+# under `llm.`), then, inside the Q-Former's BERT, the LAVIS spellings of the HF names that ours follow.
+PREFIXES = (("model.vision_tower.vision_tower.", "visual."), ("model.qformer_bert.bert.", "compressor.qformer_bert."),
+            ("model.qformer_", "compressor.qformer_"), ("frm_head.", "frm_head."), ("evi_head.", "evi_head."),
+            ("", "llm."))
+BERT_NAMES = (("attention.self.", "attention.attention."), ("embeddings.LayerNorm", "embeddings.layernorm"))
+
+
+def official_name(key, inverse=False):
+    """Our D2VLM key -> the official merged checkpoint's (inverse: the official key -> ours)."""
+    a, b = (0, 1) if inverse else (1, 0)
+    old, new = next((p[a], p[b]) for p in PREFIXES if key.startswith(p[a]))
+    key = new + key.removeprefix(old)
+    for pair in BERT_NAMES if "qformer_bert." in key else ():
+        key = key.replace(pair[a], pair[b])
+    return key
+
+
 def etchat_rename(key):
-    """Official E.T. Chat / D²VLM key (`ETChatPhi3ForCausalLM`; peft's `base_model.model.` names too) -> our D2VLM
-    key, or None to drop it. The Phi-3 body and the multimodal parts live under `model.` (the ViT as
-    `model.vision_tower.vision_tower.`, LAVIS names, 39 blocks), `lm_head`, `frm_head`, `evi_head` at the top.
-    Dropped: the BERT LM head, position_ids, and E.T. Chat's `vid_head` (its <vid> matching head)."""
+    """Official E.T. Chat / D²VLM key (peft's `base_model.model.` names too) -> our D2VLM key, or None to drop it: the
+    BERT LM head, position_ids, and E.T. Chat's `vid_head` (its <vid> matching head). The ViT sits at
+    `model.vision_tower.vision_tower.` (LAVIS names, 39 blocks), the Q-Former at `model.qformer_*`."""
     key = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B")
     if "qformer_bert.cls." in key or key.endswith("embeddings.position_ids") or key.startswith("vid_head."):
         return None
-    if key.startswith("model.vision_tower.vision_tower."):
-        return "visual." + key.removeprefix("model.vision_tower.vision_tower.")
-    if key.startswith("model.qformer_"):  # qformer_bert (LAVIS BertLMHeadModel), _query, _ln, _proj, _{q,k,v}_proj
-        key = key.removeprefix("model.").replace("qformer_bert.bert.", "qformer_bert.").replace(".self.", ".attention.")
-        return "compressor." + key.replace("embeddings.LayerNorm", "embeddings.layernorm")
-    if key.startswith(("frm_head.", "evi_head.")):
-        return key
-    return "llm." + key  # model.embed_tokens / model.layers.N / model.norm / lm_head: HF Phi-3 names
-
-
-def official_name(key):
-    """Our D2VLM key -> the official merged checkpoint's: the inverse of etchat_rename."""
-    if key.startswith("visual."):
-        return "model.vision_tower.vision_tower." + key.removeprefix("visual.")
-    if key.startswith("compressor.qformer_bert."):
-        key = key.replace("attention.attention.", "attention.self.").replace("embeddings.layernorm", "embeddings.LayerNorm")
-        return "model.qformer_bert.bert." + key.removeprefix("compressor.qformer_bert.")
-    if key.startswith("compressor."):
-        return "model." + key.removeprefix("compressor.")
-    return key.removeprefix("llm.")
+    return official_name(key, inverse=True)
 
 
 def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
