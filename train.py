@@ -210,9 +210,12 @@ def build_tokenizers(run):
     if run.hf_llm:
         return Tokenizer.phi3(run.hf_llm), WordPiece(run.bert_vocab)
     records = read_annotations(run.train_json or os.path.join(run.data, "train.json"))
-    texts = [c["value"].replace("<image>\n", "") for r in records for c in r["conversations"]]
-    tok = Tokenizer.nano(texts, os.path.join(run.data, "tokenizer.model"))
-    return tok, WordPiece.build(texts, os.path.join(run.data, "vocab.txt"))
+    questions = [turns(r)["human"].replace("<image>\n", "") for r in records]
+    answers = [turns(r)["gpt"] for r in records]
+    # sentencepiece learns the text as the decoder reads it: each question in the chat template (whose system prompt
+    # would otherwise cost ~20 byte-level pieces in every prompt), each answer; WordPiece the questions and answers
+    tok = Tokenizer.nano([Tokenizer.chat(q) for q in questions] + answers, os.path.join(run.data, "tokenizer.model"))
+    return tok, WordPiece.build(questions + answers, os.path.join(run.data, "vocab.txt"))
 
 
 # ------------------------------------------------------------------------------------------------------- main

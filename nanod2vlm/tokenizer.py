@@ -109,7 +109,8 @@ class Tokenizer:
         head, tail = self.chat("\0").split("\0")
         return self.encode(head) + [self.image_id] * frames + self.encode("\n" + question, special) + self.encode(tail)
 
-    def chat(self, question):
+    @staticmethod
+    def chat(question):
         """Phi-3's chat template (the released prompt), up to the answer: the generation prompt."""
         return f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{question}<|end|>\n<|assistant|>\n"
 
