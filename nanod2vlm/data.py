@@ -107,7 +107,7 @@ def read_annotations(path, videos=None):
     records of the file are reported together in one InputError (none silently dropped)."""
     records = read_json(path)
     if not isinstance(records, list):
-        raise InputError(f"{path}: one JSON {type(records).__name__}; give a JSON list of records")
+        raise InputError(f"{path}: not a JSON list; give a list of records")
     if not records:
         raise InputError(f"{path}: no records (an empty list)")
     return check_records(path, [(f"record {i}", r) for i, r in enumerate(records)], videos)

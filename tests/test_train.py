@@ -47,6 +47,16 @@ def sft(tmp):
     return run(tmp, "sft", *SFT)
 
 
+def test_the_nano_tokenizer_learns_the_prompt_as_the_decoder_reads_it(tmp):
+    """Trained on the questions in the chat template, the sentencepiece model writes the system prompt in whole words,
+    not in the byte-level pieces of text it never saw; WordPiece (the Q-Former's) learns no template words."""
+    run, _ = train.parse([f"--data={tmp}/world"])
+    tok, wp = train.build_tokenizers(run)
+    system = tok.encode("You are a helpful AI assistant.")
+    assert [tok.decode([i]) for i in system] == ["You", " are", " a", " helpful", " AI", " assistant", "."]
+    assert "assistant" not in wp.vocab and "square" in wp.vocab
+
+
 def test_a_few_steps_lower_the_loss(tmp, sft):
     losses = [h["loss"] for h in sft]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
