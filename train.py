@@ -336,10 +336,10 @@ def main(argv):
                 logs[k] = logs.get(k, 0.0) + v / run.grad_accum
         if ddp:  # average gradients and logged losses over processes: what DistributedDataParallel does
             grads = [p.grad for p in params if p.grad is not None]
-            flat = torch.cat([g.flatten() for g in grads])  # one all-reduce, not one per parameter (gloo: ~2x)
+            flat = torch.cat([grad.flatten() for grad in grads])  # one all-reduce for all, not one per parameter
             dist.all_reduce(flat)
-            for g, x in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(x.view_as(g) / world)
+            for grad, x in zip(grads, flat.split([grad.numel() for grad in grads])):
+                grad.copy_(x.view_as(grad) / world)
             vals = torch.tensor(list(logs.values()), device=dev)  # NCCL reduces device tensors only
             dist.all_reduce(vals)
             logs = dict(zip(logs, (vals / world).tolist()))

@@ -51,7 +51,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     if not os.path.isfile(bert_vocab):
         raise CheckpointError(f"{path}: an official checkpoint needs bert-base-uncased's vocab.txt for the Q-Former's "
                               f"question text: give --bert_vocab PATH/vocab.txt (got {bert_vocab!r})")
-    hf = read_json(os.path.join(folder, "config.json"), "HF config")
+    hf = read_json(os.path.join(folder, "config.json"), "config file")
     if hf.get("model_type") != "etchat_phi3":
         raise CheckpointError(f"{folder}/config.json: model_type {hf.get('model_type')!r}, not 'etchat_phi3' (an E.T. "
                               "Chat / D²VLM folder); a plain Phi-3 folder goes to train.py --hf_llm")
@@ -138,7 +138,7 @@ PHI3 = dict(vocab_size="vocab_size", n_embd="hidden_size", n_layer="num_hidden_l
 def phi3_fields(folder):
     """The Config fields of a Phi-3 config.json. A field our decoder does not implement is refused. Not applied:
     `sliding_window` (2047 in Phi-3-mini), as in the released model, whose eager attention ignores it."""
-    hf = read_json(os.path.join(folder, "config.json"), "HF config")
+    hf = read_json(os.path.join(folder, "config.json"), "config file")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # transformers prefers the latter
     implemented = {"rope type": (rope.get("rope_type", rope.get("type", "default")), "default"),
                    "partial_rotary_factor": (rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)), 1.0),
@@ -232,7 +232,7 @@ def export(model, tok, wp, out, base="", shard_bytes=4 << 30):
     index = dict(metadata=dict(total_size=sum(v.nbytes for v in state.values())), weight_map=weight_map)
     write_atomic(os.path.join(out, "model.safetensors.index.json"), json.dumps(index, indent=1))
     cfg = replace(model.cfg, lora_r=0)
-    hf = read_json(os.path.join(base, "config.json"), "HF config") if base else dict(architectures=["ETChatPhi3ForCausalLM"])
+    hf = read_json(os.path.join(base, "config.json"), "config file") if base else dict(architectures=["ETChatPhi3ForCausalLM"])
     hf.update({k: getattr(cfg, ours) for ours, k in PHI3.items()}, model_type="etchat_phi3", hidden_act="silu",
               rope_theta=cfg.rope_theta, num_key_value_heads=cfg.n_head, tie_word_embeddings=False, nanod2vlm=asdict(cfg))
     write_atomic(os.path.join(out, "config.json"), json.dumps(hf, indent=1))
@@ -305,7 +305,7 @@ def load_safetensors_into(module, path, rename=None, missing_ok=("lora_A", "lora
     E.T. Chat / timm names). Module keys containing one of `missing_ok` may be absent from the file."""
     files = [os.path.join(path, "model.safetensors") if os.path.isdir(path) else path]
     if os.path.isfile(index := os.path.join(path, "model.safetensors.index.json")):  # sharded
-        files = [os.path.join(path, f) for f in sorted(set(read_json(index, "HF index")["weight_map"].values()))]
+        files = [os.path.join(path, f) for f in sorted(set(read_json(index, "index file")["weight_map"].values()))]
     if not os.path.exists(files[0]):
         raise CheckpointError(f"{files[0]}: no such checkpoint (expected a .safetensors file or an HF directory "
                               "with model.safetensors or model.safetensors.index.json)")

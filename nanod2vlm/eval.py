@@ -136,11 +136,13 @@ def _json(path):
 def _world(r, i):
     """A world record -> its E.T. Bench record; `g`, a dense answer's captions (the text after each answer <evi>),
     and `answer`, the answer stage's text (a qa answer is right when its first sentence is this one's)."""
-    said = turns(r)["gpt"].split("</evi>")[-1]
+    conversation = turns(r)
+    said = conversation["gpt"].split("</evi>")[-1]
     task, spans = WORLD_TASK.get(r.get("task", "single")), r["time_gt"]["interleaved_response"]
     if task is None:
         raise InputError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
-    return dict(task=task, source="world", idx=i, video=r["video"], q=turns(r)["human"].replace("<image>", "").strip(),
+    question = conversation["human"].replace("<image>", "").strip()
+    return dict(task=task, source="world", idx=i, video=r["video"], q=question,
                 tgt=spans if task in ("tal", "dvc") else spans[0], g=[c.strip() for c in said.split("<evi>")[1:]],
                 answer=said.strip())
 

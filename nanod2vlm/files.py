@@ -41,9 +41,12 @@ def writable(path, option):
 
 
 def read_json(path, what="annotation file"):
-    """The value a JSON file holds, or an InputError that names the file and says why it holds none."""
+    """The value a JSON file holds, or an InputError that names the file (`what` it should be) and says why it holds
+    none."""
     if not os.path.isfile(path):
-        raise InputError(f"{path}: " + (f"a folder, not an {what}" if os.path.isdir(path) else f"{what} not found"))
+        article = "an" if what[0] in "aeiou" else "a"
+        why = f"a folder, not {article} {what}" if os.path.isdir(path) else f"{what} not found"
+        raise InputError(f"{path}: {why}")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:  # before ValueError, which it is
