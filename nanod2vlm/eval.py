@@ -231,6 +231,12 @@ def score(kind, preds, sentsim=None):
     single = [p for p in preds if p["task"] == "tvg"]
     if single:  # with moment retrieval's R@1 and mIoU (Charades-STA's), over all and over parsed answers
         m["single"].update(charades_scores([p["a"] for p in single], [p["tgt"] for p in single]))
+        # and R@1 at IoU 0.5 per object asked about (a held-out split: per held-out pair), its answer's subject
+        by = {}
+        for p in single:
+            by.setdefault(p["answer"].split(" appears")[0].removeprefix("The "), []).append(p)
+        m["single"]["R@1 by object"] = {o: dict(charades_scores([p["a"] for p in ps], [p["tgt"] for p in ps])["all"],
+                                              n=len(ps)) for o, ps in sorted(by.items())}
     # qa answers in free text: right when the first sentence is the world's; Rec is GVQ's, over the right ones
     qa = [p for p in preds if p["task"] == "gvq"]
     if qa:

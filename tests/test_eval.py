@@ -269,6 +269,19 @@ def test_world_qa_is_scored_as_gvq():
     assert m["Rec"] == pytest.approx(100 * (1 + 0 + 0 + 3 / 4) / 4)  # thresholds 0.1/0.3/0.5 hit at IoU 0.5
 
 
+def test_world_single_is_scored_per_object_too():
+    """R@1 at IoU 0.5 per object asked about: a held-out split's cell split by its held-out pairs."""
+    base = dict(task="tvg", source="world", video="v.mp4", tgt=[2, 6], g=["."])
+    red, cross = "The red circle appears in <evi>.", "The cross appears in <evi>."
+    preds = [dict(base, idx=0, answer=red, a="2 - 6 </evi> The red circle appears in 2 - 6 ."),
+             dict(base, idx=1, answer=red, a="2 - 6 </evi> The red circle appears in 10 - 12 ."),  # the answer's span
+             dict(base, idx=2, answer=cross, a="2 - 6 </evi> The cross appears in 2 - 5 .")]  # IoU 0.75
+    m = ev.score("world", preds)["single"]
+    by = {o: (v["R@0.5"], v["n"]) for o, v in m["R@1 by object"].items()}
+    assert by == {"cross": (100, 1), "red circle": (50, 2)}
+    assert m["all"]["R@0.5"] == pytest.approx(200 / 3)
+
+
 def test_answer_renders_as_released(run):
     """Each <evi> -> "{s} - {e} " (whole seconds: at 1 fps the frame indices), </evi> kept, <|end|> cut; a frame-level pair is one span; the
     new tokens are bounded by the model's context."""
