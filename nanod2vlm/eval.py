@@ -235,8 +235,8 @@ def score(kind, preds, sentsim=None):
         by = {}
         for p in single:
             by.setdefault(p["answer"].split(" appears")[0].removeprefix("The "), []).append(p)
-        m["single"]["R@1 by object"] = {o: dict(charades_scores([p["a"] for p in ps], [p["tgt"] for p in ps])["all"],
-                                              n=len(ps)) for o, ps in sorted(by.items())}
+        r1 = {o: charades_scores([p["a"] for p in ps], [p["tgt"] for p in ps])["all"]["R@0.5"] for o, ps in by.items()}
+        m["single"]["R@1 by object"] = {o: {"R@0.5": r1[o], "n": len(by[o])} for o in sorted(by)}
     # qa answers in free text: right when the first sentence is the world's; Rec is GVQ's, over the right ones
     qa = [p for p in preds if p["task"] == "gvq"]
     if qa:
