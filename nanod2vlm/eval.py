@@ -231,7 +231,8 @@ def score(kind, preds, sentsim=None):
     single = [p for p in preds if p["task"] == "tvg"]
     if single:  # with moment retrieval's R@1 and mIoU (Charades-STA's), over all and over parsed answers
         m["single"].update(charades_scores([p["a"] for p in single], [p["tgt"] for p in single]))
-        # and R@1 at IoU 0.5 per object asked about (a held-out split: per held-out pair), its answer's subject
+        # and R@1 at IoU 0.5 per object asked about (on a held-out split: per held-out pair), named as the right
+        # answer names it ("The purple cross appears in <evi>.")
         by = {}
         for p in single:
             by.setdefault(p["answer"].split(" appears")[0].removeprefix("The "), []).append(p)
