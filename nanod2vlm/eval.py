@@ -236,8 +236,9 @@ def score(kind, preds, sentsim=None):
         by = {}
         for p in single:
             by.setdefault(p["answer"].split(" appears")[0].removeprefix("The "), []).append(p)
-        r1 = {o: charades_scores([p["a"] for p in ps], [p["tgt"] for p in ps])["all"]["R@0.5"] for o, ps in by.items()}
-        m["single"]["R@1 by object"] = {o: {"R@0.5": r1[o], "n": len(by[o])} for o in sorted(by)}
+        m["single"]["R@1 by object"] = {
+            o: {"R@0.5": charades_scores([p["a"] for p in ps], [p["tgt"] for p in ps])["all"]["R@0.5"], "n": len(ps)}
+            for o, ps in sorted(by.items())}
     # qa answers in free text: right when the first sentence is the world's; Rec is GVQ's, over the right ones
     qa = [p for p in preds if p["task"] == "gvq"]
     if qa:
