@@ -233,11 +233,12 @@ def main(argv):
     torch.manual_seed(run.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
 
-    # data: the synthetic world (rendered once), tokenizers, datasets
+    # data: the synthetic world (rendered once, from the world's own seed: every --seed trains on the same videos),
+    # tokenizers, datasets
     if run.config == "nano" and not os.path.exists(os.path.join(run.data, "train.json")):
         from nanod2vlm.world import ensure_world
         if rank == 0:
-            ensure_world(run.data, n_train=run.world_train, n_test=run.world_test, seed=run.seed)
+            ensure_world(run.data, n_train=run.world_train, n_test=run.world_test)
         if ddp:
             dist.barrier()
     init = latest(run.out) if run.resume else run.init

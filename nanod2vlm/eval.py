@@ -719,7 +719,7 @@ def table(rows, seeds, out, jobs, data, flags):
     """Train every row x seed with train.py (one thread each, `jobs` at a time; a finished run is kept, a killed one
     resumes), scored on the world's val and test splits -> {out}/table.md (mean ± sd over seeds) and table.png."""
     if not os.path.exists(os.path.join(data, "train.json")):  # once, before the runs, which would all render it
-        ensure_world(data)
+        ensure_world(data, **_world_size(flags))
     val, test = (os.path.join(data, f"{s}.json") for s in ("val", "test"))
     fpo = [r for r in rows if "--stage=fpo" in ROWS[r][1]]
     pairs = os.path.join(data, "fpo_pairs.json")
@@ -761,6 +761,15 @@ def table(rows, seeds, out, jobs, data, flags):
     write_atomic(os.path.join(out, "table.md"), "\n".join(md) + "\n")
     _bars(stats["test"], seeds, os.path.join(out, "table.png"))
     print("\n".join(md) + f"\n\nwritten: {out}/table.md, {out}/table.png")
+
+
+def _world_size(flags):
+    """ensure_world's n_train, n_test from the runs' --world_train, --world_test (--name=N or --name N)."""
+    args = " ".join(flags).replace("=", " ").split()
+    sizes = {f"n_{k[8:]}": v for k, v in zip(args, args[1:]) if k in ("--world_train", "--world_test")}
+    if bad := [f"--world_{k[2:]}={v}" for k, v in sizes.items() if not v.isdigit()]:
+        raise InputError(f"{', '.join(bad)}: give a whole number of videos")
+    return {k: int(v) for k, v in sizes.items()}
 
 
 def _mean_sd(xs):

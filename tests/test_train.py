@@ -237,6 +237,17 @@ def test_full_fpo_presets_need_an_init():
     assert train.parse(["--stage=fpo"])[0].init == "runs/nano"
 
 
+def test_every_seed_trains_on_the_same_world(tmp):
+    """A missing world is rendered from the world's own seed (0), not the training seed: --seed=1 on a fresh
+    machine trains on the videos that seed 0 and the README's runs train on."""
+    fresh = tmp / "fresh"
+    train.main([f"--data={fresh}", f"--out={tmp}/fresh-run", *TINY, "--seed=1", "--steps=1", "--world_train=2",
+                "--world_test=1"])
+    world = json.load(open(fresh / "world.json"))
+    assert (world["seed"], world["n_train"], world["n_test"]) == (0, 2, 1)
+    assert read_state(os.path.join(tmp, "fresh-run", "step-000001"))["train"]["seed"] == 1
+
+
 def test_the_learning_picture(tmp, sft):
     """A run draws learning.png: the losses, and one held-out question's first-<evi> similarity to every frame at
     steps 0, 1/16, 1/8, 1/4, 1/2 and the end, kept in the checkpoints' state so that a resumed run draws them all."""
