@@ -715,11 +715,12 @@ CELLS = {"R@1 IoU 0.5": lambda m: m["single"]["all"]["R@0.5"], "F1(gnd)": lambda
          "DVC F1": lambda m: m["dense"]["F1"], "QA Acc": lambda m: m["qa"]["Acc"]}  # of a world's metrics
 
 
-def table(rows, seeds, out, jobs, data, flags):
+def table(rows, seeds, out, jobs, data, flags, world=None):
     """Train every row x seed with train.py (one thread each, `jobs` at a time; a finished run is kept, a killed one
-    resumes), scored on the world's val and test splits -> {out}/table.md (mean ± sd over seeds) and table.png."""
+    resumes), scored on the world's val and test splits -> {out}/table.md (mean ± sd over seeds) and table.png.
+    world: ensure_world's sizes (n_train, n_test) where the world is rendered."""
     if not os.path.exists(os.path.join(data, "train.json")):  # once, before the runs, which would all render it
-        ensure_world(data, **_world_size(flags))
+        ensure_world(data, **(world or {}))
     val, test = (os.path.join(data, f"{s}.json") for s in ("val", "test"))
     fpo = [r for r in rows if "--stage=fpo" in ROWS[r][1]]
     pairs = os.path.join(data, "fpo_pairs.json")
@@ -763,15 +764,6 @@ def table(rows, seeds, out, jobs, data, flags):
     print("\n".join(md) + f"\n\nwritten: {out}/table.md, {out}/table.png")
 
 
-def _world_size(flags):
-    """ensure_world's n_train, n_test from the runs' --world_train, --world_test (--name=N or --name N)."""
-    args = " ".join(flags).replace("=", " ").split()
-    sizes = {f"n_{k[8:]}": v for k, v in zip(args, args[1:]) if k in ("--world_train", "--world_test")}
-    if bad := [f"--world_{k[2:]}={v}" for k, v in sizes.items() if not v.isdigit()]:
-        raise InputError(f"{', '.join(bad)}: give a whole number of videos")
-    return {k: int(v) for k, v in sizes.items()}
-
-
 def _mean_sd(xs):
     return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -803,13 +795,17 @@ def main(argv):
     ap.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at a time, one thread each")
     ap.add_argument("--out", default="runs/table")
     ap.add_argument("--data", default="data/world")
+    ap.add_argument("--world_train", type=int, help="train.py's: the world's size, where it is rendered")
+    ap.add_argument("--world_test", type=int)
     a, flags = ap.parse_known_args(argv)
+    world = {f"n_{k}": v for k in ("train", "test") if (v := getattr(a, f"world_{k}")) is not None}
+    flags += [f"--world_{k[2:]}={v}" for k, v in world.items()]  # the runs record the size too
     rows = a.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         ap.error(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})")
-    if a.seeds < 1 or a.jobs < 1:
-        ap.error("--seeds and --jobs: give numbers >= 1")
-    table(rows, a.seeds, a.out, a.jobs, a.data, flags)
+    if min(a.seeds, a.jobs, *world.values()) < 1:
+        ap.error("--seeds, --jobs, --world_train and --world_test: give numbers >= 1")
+    table(rows, a.seeds, a.out, a.jobs, a.data, flags, world)
 
 
 if __name__ == "__main__":
