@@ -362,8 +362,8 @@ def test_the_table_runs_rows_by_seeds_and_writes_the_table_and_the_chart(tiny_wo
 
 
 def test_the_table_renders_the_world_its_flags_ask_for(tmp_path, capsys):
-    """--world_train / --world_test among the runs' flags size the world the runner renders for them (a wrong one
-    stops with a one-line error before any rendering)."""
+    """--world_train / --world_test size the world the runner renders for its runs (a size that is not a number stops
+    with argparse's error before any rendering)."""
     flags = [f for f in TINY if not f.startswith(("--seed", "--eval_json"))] + ["--steps=1"]
     argv = ["--rows=sft", "--seeds=1", "--jobs=1", f"--out={tmp_path}/t", f"--data={tmp_path}/w", *flags]
     with pytest.raises(SystemExit) as e:
