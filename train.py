@@ -198,12 +198,6 @@ def vit_tag(model, dev):
     return "vit" + h.hexdigest()[:12] + ("" if dev == "cpu" else "bf16")
 
 
-def keep(rec, run):
-    """The released SFT's filters: the video's duration, and the words of the first gpt message split on " "."""
-    words = len(turns(rec)["gpt"].split(" "))
-    return run.min_duration <= rec["duration"] <= run.max_duration and (not run.max_words or words <= run.max_words)
-
-
 def build_tokenizers(run):
     """nano: a sentencepiece model and a WordPiece vocab trained on the training texts (the world's grammar);
     full: Phi-3's tokenizer.model and bert-base-uncased's vocab.txt."""
@@ -244,6 +238,10 @@ def main(argv):
     init = latest(run.out) if run.resume else run.init
     if init:  # the checkpoint brings its tokenizers, weights and config (an official folder: Phi-3's, the rest cfg)
         model, tok, wp, state = load_model(init, bert_vocab=run.bert_vocab, cfg=cfg)
+        # a model flag that the checkpoint's model contradicts is refused, not silently dropped
+        if bad := [f"--{k}={v} (the checkpoint's: {getattr(model.cfg, k)})" for k, v in asdict(cfg).items()
+                   if v != getattr(CONFIGS[run.config], k) and v != getattr(model.cfg, k)]:
+            raise InputError(f"{init} brings its own model; these flags contradict it: {', '.join(bad)}")
         cfg = model.cfg
     else:
         tok, wp = build_tokenizers(run)
@@ -263,7 +261,9 @@ def main(argv):
         video.update(encode=lambda x: vit_features(model, x, dev), tag=vit_tag(model, dev))
     if run.stage == "sft":
         every = read_annotations(train_json, videos=os.path.dirname(train_json))  # every video there, checked now
-        records = [ablate(r, cfg) for r in every if keep(r, run)]
+        # the released SFT's filters: the video's duration, the words of the first answer split on " "
+        records = [ablate(r, cfg) for r in every if run.min_duration <= r["duration"] <= run.max_duration
+                   and (not run.max_words or len(turns(r)["gpt"].split(" ")) <= run.max_words)]
         if len(records) < len(every):
             say(f"{len(every) - len(records)} of {len(every)} records dropped: duration outside [{run.min_duration}, "
                 f"{run.max_duration}] s or more than {run.max_words} words in the first answer")
@@ -390,17 +390,18 @@ def probe_sim(model, sample, pad_id, dev):
 def plot_learning(history, probes, probe, path):
     """The training losses, and beside them the learning picture: the probe's <evi> similarities at several steps
     against its ground-truth interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4), width_ratios=(1, 1.3))
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # not pyplot, as sample.py draws: no window and no global figure
+    fig = Figure(figsize=(13, 4))
+    ax, bx = fig.subplots(1, 2, width_ratios=(1, 1.3))
     for k in [k for k in history[0] if k != "step"]:
         ax.plot([h["step"] for h in history], [h[k] for h in history], label=k, lw=1)
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="training losses")
     ax.legend()
     if probe:
         for i, (step, p) in enumerate(probes):
-            bx.plot(probe["times"], p, color=plt.cm.viridis(i / max(1, len(probes) - 1)), lw=1.2, label=f"step {step}")
+            colour = colormaps["viridis"](i / max(1, len(probes) - 1))
+            bx.plot(probe["times"], p, color=colour, lw=1.2, label=f"step {step}")
         bx.axvspan(*probe["record"]["time_gt"]["evidence_grounding"][0], color="tab:green", alpha=0.2,
                    label="ground truth")
         question = turns(probe["record"])["human"].replace("<image>\n", "")
@@ -409,7 +410,6 @@ def plot_learning(history, probes, probe, path):
         bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

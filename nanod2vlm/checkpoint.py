@@ -59,10 +59,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     # full preset without LoRA; the special ids from the tokenizer
     cfg = cfg or (_config(hf["nanod2vlm"]) if "nanod2vlm" in hf else replace(CONFIGS["full"], lora_r=0))
     tok_dir = path if os.path.exists(os.path.join(path, "tokenizer.model")) else folder
-    try:
-        tok = Tokenizer.phi3(tok_dir)
-    except FileNotFoundError as e:
-        raise CheckpointError(e) from None
+    tok = Tokenizer.phi3(tok_dir)
     if not _knows_evi(tok_dir):
         warnings.warn(f"{tok_dir}: an E.T. Chat tokenizer (no <evi>): evi_head and frm_head start fresh, untrained")
     cfg = replace(cfg, **phi3_fields(folder), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,

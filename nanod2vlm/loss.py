@@ -25,25 +25,22 @@ def L_gnd(sim, y, valid):
     """Grounding loss: BCE(y, sim) averaged over the valid frames of each <evi>, then over all <evi> tokens
     of both stages. The paper uses hard 1/0 targets; the released code a soft alpha^-d target (that comes
     in through y from the data)."""
-    if sim.shape[0] == 0:
-        return sim.sum()  # no <evi> in the batch: a zero that keeps the graph
     bce = F.binary_cross_entropy_with_logits(_f32(sim), _f32(y), reduction="none")
     per_evi = torch.where(valid, bce, 0).sum(1) / valid.sum(1).clamp(min=1)  # Eq. (3)
-    return per_evi.mean()
+    return per_evi.sum() / max(len(per_evi), 1)  # the mean over <evi>; no <evi> in the batch: a zero in the graph
 
 
 def L_match(sim, target, valid):
     """Frame-level grounding as earlier grounding tokens do it (E.T. Chat's <vid>; the Tab. 6 ablation): a softmax
     over the valid frames, cross-entropy on the one target frame of each <evi>, averaged over <evi> tokens."""
-    if sim.shape[0] == 0:
-        return sim.sum()
-    return F.cross_entropy(_f32(sim).masked_fill(~valid, float("-inf")), target)
+    logits = _f32(sim).masked_fill(~valid, float("-inf"))
+    return F.cross_entropy(logits, target, reduction="sum") / max(len(target), 1)
 
 
 def L_cons(f1, f2):
     """Consistency between the k-th <evi> head output of stage 1 and of stage 2, f1/f2 (K, C): mean absolute
     difference over k and channels."""
-    return (_f32(f1) - _f32(f2)).abs().mean()  # Eq. (1)
+    return (_f32(f1) - _f32(f2)).abs().sum() / max(f1.numel(), 1)  # Eq. (1); no pairs: 0
 
 
 def cons_pairs(b):
@@ -73,7 +70,7 @@ def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=Fa
         l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid)
     i1, i2 = cons_pairs(b)
     pair = keep[i1]  # a pair's two <evi> share a response: the pairs of those responses
-    l_cons = L_cons(f_evi[i1[pair]], f_evi[i2[pair]]) if pair.any() else sim.sum() * 0
+    l_cons = L_cons(f_evi[i1[pair]], f_evi[i2[pair]])
     loss = l_sft + w_gnd * l_gnd + w_cons * l_cons  # Eq. (2)
     return loss, dict(sft=l_sft.item(), gnd=l_gnd.item(), cons=l_cons.item())
 

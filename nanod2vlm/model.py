@@ -297,14 +297,13 @@ class QFormerLayer(nn.Module):
         self.intermediate, self.output = _dense(W, M), _dense(M, W, ln=True)
         self.intermediate_query, self.output_query = _dense(W, M), _dense(M, W, ln=True)
 
-    def forward(self, x, n_query, mask, img, rows=None, queries_only=False):
+    def forward(self, x, n_query, mask, img, rows=slice(None), queries_only=False):
         # queries_only (the Q-Former's last layer, whose text outputs nothing reads): only the queries' rows are
         # computed. rows (the first layer): x holds one row per question, and image i is question rows[i]'s.
         # Both give the same values in less time.
         x = self.attention(x[:, :n_query] if queries_only else x, x, mask)
         q, t = x[:, :n_query], _ffn(x[:, n_query:], self.intermediate, self.output)
-        if rows is not None:  # from here on, one row per image
-            q, t = q[rows], t[rows]
+        q, t = q[rows], t[rows]  # from here on, one row per image
         if self.crossattention is not None:
             q = self.crossattention(q, img)
         q = _ffn(q, self.intermediate_query, self.output_query)
@@ -323,12 +322,11 @@ class QFormer(nn.Module):
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             QFormerLayer(cfg, i % cfg.qf_cross_every == 0) for i in range(cfg.qf_layers))))
 
-    def forward(self, query, q_ids, q_valid, img, rows=None):
+    def forward(self, query, q_ids, q_valid, img, rows=slice(None)):
         """query (B, Q, W), question q_ids, q_valid (B, Lq), img (N, P, V): image i is asked question rows[i]
         (default: question i). Returns the query outputs of each image (N, Q, W)."""
         e = self.embeddings
         n_query = query.size(1)
-        rows = torch.arange(len(img), device=img.device) if rows is None else rows
         text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
         x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
         mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
@@ -355,7 +353,7 @@ class FrameCompressor(nn.Module):
         # official code: `v_proj` is not a value projection but the output LN + Linear(vit_width -> n_embd)
         self.qformer_v_proj = nn.Sequential(nn.LayerNorm(V), nn.Linear(V, cfg.n_embd))
 
-    def forward(self, patches, q_ids, q_valid, rows=None):  # (N, P, V), (B, Lq), (B, Lq); frame i asks rows[i]
+    def forward(self, patches, q_ids, q_valid, rows=slice(None)):  # (N, P, V), (B, Lq), (B, Lq); frame i asks rows[i]
         query = self.qformer_query.expand(len(q_ids), -1, -1)
         query = self.qformer_proj(self.qformer_bert(query, q_ids, q_valid, self.qformer_ln(patches), rows))  # (N, Q, V)
         att = self.qformer_q_proj(query) @ self.qformer_k_proj(patches).transpose(1, 2)  # (N, Q, P)

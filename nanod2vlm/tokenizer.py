@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from nanod2vlm.files import write_atomic
+from nanod2vlm.files import InputError, write_atomic
 
 # Phi-3-mini-4k-instruct's added tokens, at base_size + i (base 32000 -> <|endoftext|> 32000 ... <|user|> 32010)
 PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
@@ -46,7 +46,7 @@ class Tokenizer:
         path = Path(path)
         model = path / "tokenizer.model" if path.is_dir() else path
         if not model.is_file():
-            raise FileNotFoundError(f"{model}: no sentencepiece tokenizer.model here")
+            raise InputError(f"{model}: no sentencepiece tokenizer.model here")
         proto = model.read_bytes()
         base = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
         special = {s: base + i for i, s in enumerate(PHI3_ADDED)}
@@ -149,7 +149,7 @@ class WordPiece:
 
     def __init__(self, vocab_file):
         if not os.path.isfile(vocab_file):
-            raise FileNotFoundError(f"{vocab_file}: no WordPiece vocab.txt (bert-base-uncased's, or WordPiece.build)")
+            raise InputError(f"{vocab_file}: no WordPiece vocab.txt (bert-base-uncased's, or WordPiece.build)")
         with open(vocab_file, encoding="utf-8") as f:
             self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
         self.pad_id, self.unk_id, self.cls_id, self.sep_id = (self.vocab[t] for t in SPECIALS[:4])

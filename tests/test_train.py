@@ -196,6 +196,17 @@ def test_fpo_kill_and_resume_reproduces_the_uninterrupted_run(tmp, sft):
     assert run(tmp, "fpo-killed", *fpo, "--resume") == whole
 
 
+def test_a_model_flag_that_the_init_contradicts_is_refused(tmp, sft):
+    """--init brings its checkpoint's model: a flag asking for another is an error, not silently dropped; one that
+    agrees with it (the table runner gives its flags to the FPO runs too) is fine."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp, "fpo-contradicts", "--stage=fpo", f"--init={tmp}/sft", "--steps=1", "--n_layer=2", "--evi_capture=0")
+    msg = e.value.code
+    assert msg.startswith(f"error: {tmp}/sft brings its own model") and "--n_layer=2 (the checkpoint's: 1)" in msg, msg
+    assert "--evi_capture=False (the checkpoint's: True)" in msg and "n_embd" not in msg, msg  # TINY's agree
+    assert not (tmp / "fpo-contradicts").exists()
+
+
 def test_vit_cache_trains_on_cached_features_with_the_same_losses(tmp, sft):
     """--vit_cache (the default): the frozen tower encoded each video once, into {data}/cache keyed by a hash of its
     weights; a run that encodes the frames in every step instead has the same losses (up to float summation order)."""
