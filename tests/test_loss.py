@@ -186,3 +186,15 @@ def test_fpo_step_raises_preference_margin():
             p -= 1.0 * p.grad
     after = logps()
     assert float((after[0] - after[1]).detach()) > float((chosen - rejected).detach()) + 0.01
+
+
+def test_a_batch_without_evi_gives_zero_grounding_and_consistency_losses_in_the_graph():
+    """A batch whose responses hold no <evi> (or no stage pair): L_gnd, L_match and L_cons are 0, not NaN (a mean over
+    nothing), and backward still runs."""
+    sim = torch.zeros(0, 5, requires_grad=True)
+    valid = torch.zeros(0, 5, dtype=torch.bool)
+    losses = [L_gnd(sim, torch.zeros(0, 5), valid), L_match(sim, torch.zeros(0, dtype=torch.long), valid),
+              L_cons(sim, sim)]
+    assert [l.item() for l in losses] == [0.0, 0.0, 0.0]
+    sum(losses).backward()
+    assert sim.grad.shape == (0, 5)
