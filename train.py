@@ -238,7 +238,8 @@ def main(argv):
     init = latest(run.out) if run.resume else run.init
     if init:  # the checkpoint brings its tokenizers, weights and config (an official folder: Phi-3's, the rest cfg)
         model, tok, wp, state = load_model(init, bert_vocab=run.bert_vocab, cfg=cfg)
-        # a model flag that the checkpoint's model contradicts is refused, not silently dropped
+        # a model flag that the checkpoint's model contradicts is refused, not silently dropped (one that sets a field
+        # to its preset value looks like no flag and is not caught; --resume checks the flags themselves, in parse)
         if bad := [f"--{k}={v} (the checkpoint's: {getattr(model.cfg, k)})" for k, v in asdict(cfg).items()
                    if v != getattr(CONFIGS[run.config], k) and v != getattr(model.cfg, k)]:
             raise InputError(f"{init} brings its own model; these flags contradict it: {', '.join(bad)}")
