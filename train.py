@@ -78,7 +78,8 @@ FULL_FPO = dict(init="", out="runs/full-fpo", grad_accum=8)  # the released FPO:
 
 def parse(argv):
     """--name=value overrides of Train and of the model Config chosen by --config (FPO and FULL: their defaults);
-    with --resume, of the run's saved ones, which no flag may then contradict."""
+    with --resume, of the run's saved ones, which no flag may then contradict. -> (Train, Config, the names of the
+    Config fields given as flags)."""
     if {"-h", "--help"} & set(argv):
         print(__doc__ + "\n" + inspect.getsource(Train) + "\n" + inspect.getsource(Config))
         sys.exit(0)
@@ -133,7 +134,7 @@ def parse(argv):
         raise InputError("; ".join(bad))
     writable(run.out, "--out")  # now, not at the first checkpoint
     writable(os.path.join(run.data, "cache"), "--data (its frame cache)")
-    return run, cfg
+    return run, cfg, {f.name for f in fields(Config)} & set(kv)
 
 
 FREE_ON_RESUME = {"resume", "out", "ckpt_every", "compile", "vit_cache", "eval_json"}  # the losses stay the same
@@ -215,7 +216,7 @@ def build_tokenizers(run):
 # ------------------------------------------------------------------------------------------------------- main
 @cli
 def main(argv):
-    run, cfg = parse(argv)
+    run, cfg, model_flags = parse(argv)
     # torchrun sets RANK and WORLD_SIZE: one process per device, each with its share of every batch
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -238,10 +239,9 @@ def main(argv):
     init = latest(run.out) if run.resume else run.init
     if init:  # the checkpoint brings its tokenizers, weights and config (an official folder: Phi-3's, the rest cfg)
         model, tok, wp, state = load_model(init, bert_vocab=run.bert_vocab, cfg=cfg)
-        # a model flag that the checkpoint's model contradicts is refused, not silently dropped (one that sets a field
-        # to its preset value looks like no flag and is not caught; --resume checks the flags themselves, in parse)
-        if bad := [f"--{k}={v} (the checkpoint's: {getattr(model.cfg, k)})" for k, v in asdict(cfg).items()
-                   if v != getattr(CONFIGS[run.config], k) and v != getattr(model.cfg, k)]:
+        # a model flag that the checkpoint's model contradicts is refused, not silently dropped
+        if bad := [f"--{k}={getattr(cfg, k)} (the checkpoint's: {getattr(model.cfg, k)})" for k in sorted(model_flags)
+                   if getattr(cfg, k) != getattr(model.cfg, k)]:
             raise InputError(f"{init} brings its own model; these flags contradict it: {', '.join(bad)}")
         cfg = model.cfg
     else:

@@ -463,11 +463,11 @@ def test_full_sft_starts_from_stage2_the_released_way(official, full_is_tiny, st
 
 
 def test_presets_apply_unless_the_flag_is_given():
-    t, cfg = train.parse(["--config=full"])
+    t, cfg, _ = train.parse(["--config=full"])
     assert all(getattr(t, k) == v for k, v in train.FULL.items()) and cfg.lora_r == 128
-    t, _ = train.parse(["--config=full", "--lr=1e-3", "--max_words=0"])
+    t, _, _ = train.parse(["--config=full", "--lr=1e-3", "--max_words=0"])
     assert (t.lr, t.max_words, t.w_cons) == (1e-3, 0, 10.0)
-    t, _ = train.parse([])
+    t, _, _ = train.parse([])
     assert (t.soft_alpha, t.beta2, t.max_words, t.max_duration) == (0.0, 0.95, 0, float("inf"))  # nano: no filter
 
 

@@ -170,7 +170,7 @@ def test_resume_takes_the_run_settings_and_says_so(tmp, capsys):
     out = tmp / "said"
     shutil.copytree(tmp / "run", out)
     capsys.readouterr()
-    t, cfg = train.parse(["--resume", f"--out={out}", "--ckpt_every=1"])  # ckpt_every changes no loss: allowed
+    t, cfg, _ = train.parse(["--resume", f"--out={out}", "--ckpt_every=1"])  # ckpt_every changes no loss: allowed
     said = capsys.readouterr().out
     assert (t.steps, t.lr, t.data, t.ckpt_every, cfg.n_embd) == (4, 1e-2, f"{tmp}/world", 1, 32)
     assert said.startswith(f"--resume: {out}/step-000004 with its model and its run's settings: ") and "steps=4" in said

@@ -50,7 +50,7 @@ def sft(tmp):
 def test_the_nano_tokenizer_learns_the_prompt_as_the_decoder_reads_it(tmp):
     """Trained on the questions in the chat template, the sentencepiece model writes the system prompt in whole words,
     not in the byte-level pieces of text it never saw; WordPiece (the Q-Former's) learns no template words."""
-    run, _ = train.parse([f"--data={tmp}/world"])
+    run, _, _ = train.parse([f"--data={tmp}/world"])
     tok, wp = train.build_tokenizers(run)
     system = tok.encode("You are a helpful AI assistant.")
     assert [tok.decode([i]) for i in system] == ["You", " are", " a", " helpful", " AI", " assistant", "."]
@@ -204,6 +204,9 @@ def test_a_model_flag_that_the_init_contradicts_is_refused(tmp, sft):
     msg = e.value.code
     assert msg.startswith(f"error: {tmp}/sft brings its own model") and "--n_layer=2 (the checkpoint's: 1)" in msg, msg
     assert "--evi_capture=False (the checkpoint's: True)" in msg and "n_embd" not in msg, msg  # TINY's agree
+    with pytest.raises(SystemExit) as e:  # the nano preset's own value is a flag too: the checkpoint has 1 layer
+        run(tmp, "fpo-contradicts", "--stage=fpo", f"--init={tmp}/sft", "--steps=1", "--n_layer=4")
+    assert "--n_layer=4 (the checkpoint's: 1)" in e.value.code, e.value.code
     assert not (tmp / "fpo-contradicts").exists()
 
 
@@ -241,7 +244,7 @@ def test_compile_gives_the_eager_losses(tmp, sft):
 def test_full_fpo_presets_need_an_init():
     """--config=full --stage=fpo: the released FPO's gradient accumulation 8 and full-scale rates, from the SFT run
     given by --init (the nano FPO default init, runs/nano, would be the wrong model)."""
-    t, _ = train.parse(["--config=full", "--stage=fpo", "--init=runs/full"])
+    t, _, _ = train.parse(["--config=full", "--stage=fpo", "--init=runs/full"])
     assert (t.init, t.grad_accum, t.lr, t.batch_size, t.w_cons) == ("runs/full", 8, 2e-5, 1, 10.0)
     with pytest.raises(InputError, match="--init"):  # train.main prints it as one line (files.cli)
         train.parse(["--config=full", "--stage=fpo"])
