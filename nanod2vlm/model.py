@@ -101,6 +101,12 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def take(x, rows):
+    """x[rows] along the first dim. An index tensor goes through index_select, whose backward adds repeated rows in
+    a fixed order; indexing's backward adds them in parallel in any order (a run would not repeat bit for bit)."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+
+
 def attend(q, k, v, n_head, mask=None):
     """Multi-head attention of q (B, Lq, C) over k, v (B, Lk, C'), heads split off the channels -> (B, Lq, C)."""
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=n_head) for t in (q, k, v))
@@ -303,7 +309,7 @@ class QFormerLayer(nn.Module):
         # Both give the same values in less time.
         x = self.attention(x[:, :n_query] if queries_only else x, x, mask)
         q, t = x[:, :n_query], _ffn(x[:, n_query:], self.intermediate, self.output)
-        q, t = q[rows], t[rows]  # from here on, one row per image
+        q, t = take(q, rows), take(t, rows)  # from here on, one row per image
         if self.crossattention is not None:
             q = self.crossattention(q, img)
         q = _ffn(q, self.intermediate_query, self.output_query)
@@ -393,8 +399,8 @@ class Cache:
     def update(self, layer, k, v):
         """Append the new keys/values (B, nh, L, hd) of `layer`; return all of them."""
         if layer in self.kv:
-            k = torch.cat([self.kv[layer][0][self.rows], k], 2)
-            v = torch.cat([self.kv[layer][1][self.rows], v], 2)
+            k = torch.cat([take(self.kv[layer][0], self.rows), k], 2)
+            v = torch.cat([take(self.kv[layer][1], self.rows), v], 2)
         self.kv[layer] = (k, v)
         return k, v
 
@@ -537,7 +543,7 @@ class D2VLM(nn.Module):
         # gathers by indexing: take_along_dim would fix B, L and T in torch.compile's graph (a recompile per length)
         row = torch.arange(len(ids), device=ids.device)[:, None]
         x = torch.where(frm[..., None], F_V[row, frame_at], self.llm.model.embed_tokens(ids))
-        x = x.index_put((src_b, src_pos), pool(F_V[src_b], src_span).to(x.dtype), accumulate=True)
+        x = x.index_put((src_b, src_pos), pool(take(F_V, src_b), src_span).to(x.dtype), accumulate=True)
         return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
 
     def forward(self, b):
@@ -567,7 +573,7 @@ class D2VLM(nn.Module):
         xr = self.llm.model.embed_tokens(b["resp"])
         video = r[b["evi_b"]]  # the prompt (video) of each <evi>
         if cfg.evi_capture:
-            pooled = pool(F_cap[video], b["evi_span"])
+            pooled = pool(take(F_cap, video), b["evi_span"])
             xr = xr.index_put((b["evi_b"], b["evi_pos"]), pooled.to(xr.dtype), accumulate=True)
         # Response token j sits at position n_prompt + j and sees its prompt (the cache, through rows) and, causally,
         # the response: the last R rows of the mask over prompt + response.
@@ -583,7 +589,7 @@ class D2VLM(nn.Module):
         # Grounding: each <evi>'s evi_head output against the frm_head output of each frame of its video, a dot
         # product scaled by sqrt(C): the sim of the grounding loss and of p_g, as a logit.
         f_evi = self.evi_head(h[b["evi_b"], b["evi_pos"]])
-        sim = torch.einsum("nc,ntc->nt", f_evi, f_frm[video]) / math.sqrt(cfg.n_embd)
+        sim = torch.einsum("nc,ntc->nt", f_evi, take(f_frm, video)) / math.sqrt(cfg.n_embd)
         return logits, sim, f_evi
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanod2vlm.data import collate
-from nanod2vlm.model import CONFIGS, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of
+from nanod2vlm.model import CONFIGS, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of, take
 
 CFG = replace(CONFIGS["nano"], vocab_size=40, n_embd=32, n_layer=3, n_head=2, n_mlp=64, img_size=16, patch=8,
               vit_width=16, vit_layers=1, vit_heads=2, vit_mlp=32, qf_width=16, qf_layers=2, qf_heads=2, qf_mlp=32,
@@ -178,6 +178,23 @@ def test_generate_grounds_each_evi_and_feeds_the_teacher_forced_inputs(unit):
     out, evis = model.generate(s["frames"], s["times"], s["q_ids"].tolist(), s["ids"].tolist(), max_new_tokens=2,
                                src=[[2, 4]])
     assert out == [4, 4] and len(evis) == 2
+
+
+def test_take_adds_repeated_rows_in_a_fixed_order():
+    """take (each frame's copy of its question's Q-Former rows, each <evi>'s copy of its video's frame states, FPO's
+    shared prompt cache): the values of x[rows], and a backward that adds a row's copies in index order, bit for bit
+    as a loop does. Indexing's backward adds them in parallel, in an order that varies, so a run did not repeat."""
+    torch.manual_seed(0)
+    rows = torch.repeat_interleave(torch.arange(16), torch.randint(10, 60, (16,)))  # frame -> its sample, sorted
+    x = torch.randn(16, 8, 128, requires_grad=True)
+    g = torch.randn(len(rows), 8, 128)
+    out = take(x, rows)
+    out.backward(g)
+    want = torch.zeros_like(x)
+    for i, r in enumerate(rows.tolist()):
+        want[r] += g[i]
+    assert torch.equal(out, x[rows])
+    assert torch.equal(x.grad, want)
 
 
 def test_full_model_size_on_meta_device():
