@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanod2vlm.data import collate
-from nanod2vlm.model import CONFIGS, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of, take
+from nanod2vlm.model import (CONFIGS, D2VLM, add_lora, build_mask, cast_frozen, mark_trainable, rope_cos_sin, span_of,
+                             take)
 
 CFG = replace(CONFIGS["nano"], vocab_size=40, n_embd=32, n_layer=3, n_head=2, n_mlp=64, img_size=16, patch=8,
               vit_width=16, vit_layers=1, vit_heads=2, vit_mlp=32, qf_width=16, qf_layers=2, qf_heads=2, qf_mlp=32,
