@@ -40,6 +40,7 @@ class Config:
     qf_cross_every: int = 2
     qf_vocab: int = 512        # WordPiece vocabulary of the question text fed to the Q-Former
     qf_max_pos: int = 512
+    qf_dropout: float = 0.0    # BERT's dropout while training (released: bert-base-uncased's 0.1; nano: README)
     # LoRA on the decoder (r = 0: no LoRA, every weight trains, as the nano model does from scratch)
     lora_r: int = 0
     lora_alpha: float = 0.0
@@ -68,7 +69,7 @@ CONFIGS = {"nano": Config(),
            "full": Config(vocab_size=32064, n_embd=3072, n_layer=32, n_head=32, n_mlp=8192,
                           img_size=224, patch=14, vit_width=1408, vit_layers=39, vit_heads=16, vit_mlp=6144,
                           qf_width=768, qf_layers=12, qf_heads=12, qf_mlp=3072, qf_queries=32, qf_vocab=30523,
-                          lora_r=128, lora_alpha=256.0, lora_dropout=0.05, capture_layer=6)}
+                          qf_dropout=0.1, lora_r=128, lora_alpha=256.0, lora_dropout=0.05, capture_layer=6)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,10 +108,12 @@ def take(x, rows):
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
-def attend(q, k, v, n_head, mask=None):
-    """Multi-head attention of q (B, Lq, C) over k, v (B, Lk, C'), heads split off the channels -> (B, Lq, C)."""
+def attend(q, k, v, n_head, mask=None, dropout=0.0):
+    """Multi-head attention of q (B, Lq, C) over k, v (B, Lk, C'), heads split off the channels -> (B, Lq, C);
+    dropout on the attention probabilities."""
     q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=n_head) for t in (q, k, v))
-    return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h l d -> b l (h d)")
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return rearrange(y, "b h l d -> b l (h d)")
 
 
 class Attention(nn.Module):
@@ -271,7 +274,8 @@ def _dense(n_in, n_out, ln=False):
 
 
 class BertAttention(nn.Module):
-    """Post-LN multi-head attention of x over kv: LN(x + dense(attn(x, kv)))."""
+    """Post-LN multi-head attention of x over kv: LN(x + dropout(dense(attn(x, kv)))), the attention probabilities
+    dropped out too (while training)."""
 
     def __init__(self, cfg, kv_width):
         super().__init__()
@@ -280,15 +284,17 @@ class BertAttention(nn.Module):
         self.attention = nn.ModuleDict(dict(query=nn.Linear(W, W), key=nn.Linear(kv_width, W),
                                             value=nn.Linear(kv_width, W)))
         self.output = _dense(W, W, ln=True)
+        self.p = cfg.qf_dropout
 
     def forward(self, x, kv, mask=None):
         a = self.attention
-        y = attend(a.query(x), a.key(kv), a.value(kv), self.n_head, mask)
-        return self.output.LayerNorm(x + self.output.dense(y))
+        y = attend(a.query(x), a.key(kv), a.value(kv), self.n_head, mask, self.p if self.training else 0.0)
+        return self.output.LayerNorm(x + F.dropout(self.output.dense(y), self.p, self.training))
 
 
-def _ffn(x, intermediate, output):
-    return output.LayerNorm(x + output.dense(F.gelu(intermediate.dense(x))))
+def _ffn(x, intermediate, output, p, training):
+    """BERT's FFN, post-LN: LN(x + dropout(dense(gelu(dense(x)))))."""
+    return output.LayerNorm(x + F.dropout(output.dense(F.gelu(intermediate.dense(x))), p, training))
 
 
 class QFormerLayer(nn.Module):
@@ -302,17 +308,18 @@ class QFormerLayer(nn.Module):
         self.crossattention = BertAttention(cfg, cfg.vit_width) if cross else None
         self.intermediate, self.output = _dense(W, M), _dense(M, W, ln=True)
         self.intermediate_query, self.output_query = _dense(W, M), _dense(M, W, ln=True)
+        self.p = cfg.qf_dropout
 
     def forward(self, x, n_query, mask, img, rows=slice(None), queries_only=False):
         # queries_only (the Q-Former's last layer, whose text outputs nothing reads): only the queries' rows are
         # computed. rows (the first layer): x holds one row per question, and image i is question rows[i]'s.
         # Both give the same values in less time.
         x = self.attention(x[:, :n_query] if queries_only else x, x, mask)
-        q, t = x[:, :n_query], _ffn(x[:, n_query:], self.intermediate, self.output)
+        q, t = x[:, :n_query], _ffn(x[:, n_query:], self.intermediate, self.output, self.p, self.training)
         q, t = take(q, rows), take(t, rows)  # from here on, one row per image
         if self.crossattention is not None:
             q = self.crossattention(q, img)
-        q = _ffn(q, self.intermediate_query, self.output_query)
+        q = _ffn(q, self.intermediate_query, self.output_query, self.p, self.training)
         return torch.cat([q, t], 1)
 
 
@@ -325,6 +332,7 @@ class QFormer(nn.Module):
         self.embeddings = nn.ModuleDict(dict(word_embeddings=nn.Embedding(cfg.qf_vocab, W),
                                              position_embeddings=nn.Embedding(cfg.qf_max_pos, W),
                                              layernorm=nn.LayerNorm(W, eps=1e-12)))
+        self.p = cfg.qf_dropout
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(
             QFormerLayer(cfg, i % cfg.qf_cross_every == 0) for i in range(cfg.qf_layers))))
 
@@ -335,9 +343,12 @@ class QFormer(nn.Module):
         n_query = query.size(1)
         text = e.word_embeddings(q_ids) + e.position_embeddings(torch.arange(q_ids.size(1), device=q_ids.device))
         x = e.layernorm(torch.cat([query, text], 1))  # queries carry no position embedding
+        x = F.dropout(x, self.p, self.training)
         mask = torch.cat([q_valid.new_ones(len(q_valid), n_query), q_valid], 1)[:, None, None, :]  # pad keys off
         # Only queries cross-attend to the image, after the self-attention: the first layer's self-attention and
         # text FFN see the question and the learned queries alone, so they run once per question, not per image.
+        # (Training with dropout, a question's frames then share its dropout there; the released code draws it per
+        # frame.)
         x = self.encoder.layer[0](x, n_query, mask, img, rows, queries_only=len(self.encoder.layer) == 1)
         for i, layer in enumerate(self.encoder.layer[1:], 1):
             x = layer(x, n_query, mask[rows], img, queries_only=i == len(self.encoder.layer) - 1)

@@ -47,9 +47,9 @@ def test_full_vision_tower_has_one_billion_parameters():
     assert abs(n / 1.0e9 - 1) < 0.02
 
 
-def _tiny_qformer_pair():
+def _tiny_qformer_pair(qf_dropout=0.0):
     cfg = replace(CONFIGS["nano"], qf_width=32, qf_heads=4, qf_mlp=48, qf_layers=3, qf_cross_every=2,
-                  qf_vocab=50, qf_max_pos=20, vit_width=24)
+                  qf_vocab=50, qf_max_pos=20, vit_width=24, qf_dropout=qf_dropout)
     hf_cfg = transformers.InstructBlipQFormerConfig(
         vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
         max_position_embeddings=20, cross_attention_frequency=2, encoder_hidden_size=24)
@@ -74,6 +74,33 @@ def test_qformer_matches_transformers_instructblip():
         got_pad = ours(query, q_ids2, q_valid, img)
     torch.testing.assert_close(got, want.last_hidden_state[:, :4], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_pad, got, atol=1e-6, rtol=0)
+
+
+def test_qformer_drops_out_where_bert_does(monkeypatch):
+    """While training, dropout sits where transformers' Q-Former has it (embeddings, attention probabilities, the
+    attention and FFN outputs) at its rate (bert-base-uncased's 0.1, the released value): with every dropout made a
+    deterministic rescale by 1 / (1 - p), a dropout missing or extra on either side changes the outputs."""
+    def rescale(x, p=0.5, training=True, inplace=False):
+        return x / (1 - p) if training and p > 0 else x
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):  # math, dropout by rescale
+        w = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            w = w.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else w + attn_mask
+        return rescale(w.softmax(-1), dropout_p) @ v
+    monkeypatch.setattr(torch.nn.functional, "dropout", rescale)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    ours, hf = _tiny_qformer_pair(qf_dropout=CONFIGS["full"].qf_dropout)
+    assert hf.config.hidden_dropout_prob == hf.config.attention_probs_dropout_prob == 0.1 == CONFIGS["full"].qf_dropout
+    torch.manual_seed(1)
+    query, img = torch.randn(2, 4, 32), torch.randn(2, 5, 24)
+    q_ids = torch.randint(1, 50, (2, 6))
+    with torch.no_grad():
+        want = hf.train()(input_ids=q_ids, query_embeds=query, encoder_hidden_states=img).last_hidden_state[:, :4]
+        got = ours.train()(query, q_ids, torch.ones(2, 6, dtype=torch.bool), img)
+        plain = ours.eval()(query, q_ids, torch.ones(2, 6, dtype=torch.bool), img)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - plain).abs().max() > 1e-2  # the rescales matter: a site more or less would show
 
 
 def test_full_qformer_keys_match_transformers():
