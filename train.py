@@ -270,10 +270,10 @@ def main(argv):
                 f"{run.max_duration}] s or more than {run.max_words} words in the first answer")
         ds = VideoDataset(train_json, tok, wp.encode, cache, records=records, **video)
     else:
-        if not os.path.exists(train_json) and rank == 0:  # synth.py writes the preference pairs (Sec. 5)
+        # synth.py writes the preference pairs (Sec. 5) once, from its own seed: every --seed trains on the same pairs
+        if not os.path.exists(train_json) and rank == 0:
             synth = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synth.py")
-            if subprocess.run([sys.executable, synth, os.path.join(run.data, "train.json"), train_json,
-                               f"--seed={run.seed}"]).returncode:
+            if subprocess.run([sys.executable, synth, os.path.join(run.data, "train.json"), train_json]).returncode:
                 raise InputError(f"synth.py could not write {train_json} (its error is above)")
         if ddp:
             dist.barrier()

@@ -219,7 +219,7 @@ def bench_gpu(args, dev="cuda"):
     def loss_model():
         with amp():
             logits, sim, _ = model(b)
-            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], evi_valid(b))
+            return L_sft(logits, b["labels"]) + L_gnd(sim, b["evi_y"], evi_valid(b), b["evi_b"])
     step_model = step_fn(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), loss_model)
     flops = count_flops(step_model)
     if dev == "cuda":

@@ -41,7 +41,7 @@ from nanod2vlm.model import Config, QFormerLayer
 from nanod2vlm.tokenizer import WordPiece
 from nanod2vlm.world import ensure_world
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py and synth.py are here
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py is here
 PENALIZED = {"rar", "eca", "rvq"}  # the referring tasks decode with repetition penalty 1.2, the others with none
 WORLD_TASK = {"single": "tvg", "multi": "tal", "dense": "dvc", "qa": "gvq"}  # the world's tasks are these
 CHARADES_Q = ("You are given a video about indoor activities. Watch the video carefully and find a visual event "
@@ -722,13 +722,7 @@ def table(rows, seeds, out, jobs, data, flags, world=None):
     if not os.path.exists(os.path.join(data, "train.json")):  # once, before the runs, which would all render it
         ensure_world(data, **(world or {}))
     val, test = (os.path.join(data, f"{s}.json") for s in ("val", "test"))
-    fpo = [r for r in rows if "--stage=fpo" in ROWS[r][1]]
-    pairs = os.path.join(data, "fpo_pairs.json")
-    if fpo and not os.path.exists(pairs):  # once, for every FPO run (each would otherwise write its own seed's)
-        synth = subprocess.run([sys.executable, os.path.join(ROOT, "synth.py"), os.path.join(data, "train.json"), pairs],
-                               stdout=subprocess.DEVNULL)
-        if synth.returncode:
-            raise InputError(f"synth.py could not write {pairs} (its error is above)")
+    fpo = [r for r in rows if "--stage=fpo" in ROWS[r][1]]  # their train.py runs write the world's FPO pairs
 
     def train(job):
         row, seed = job

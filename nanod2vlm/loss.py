@@ -21,26 +21,36 @@ def L_sft(logits, labels):
     return F.cross_entropy(_f32(logits).flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def L_gnd(sim, y, valid):
-    """Grounding loss: BCE(y, sim) averaged over the valid frames of each <evi>, then over all <evi> tokens
-    of both stages. The paper uses hard 1/0 targets; the released code a soft alpha^-d target (that comes
-    in through y from the data)."""
+def per_sample(x, owner):
+    """The mean of x (one value per <evi> or pair) over each response's own (owner: the response of each), then over
+    the responses that have any: how the released code averages L_gnd and L_cons over a batch. None: a zero in the
+    graph."""
+    if not len(x):
+        return x.sum()
+    _, row = owner.unique(return_inverse=True)  # the responses that have any, numbered 0, 1, ...
+    return (x.new_zeros(int(row.max()) + 1).index_add(0, row, x) / torch.bincount(row).to(x.dtype)).mean()
+
+
+def L_gnd(sim, y, valid, owner):
+    """Grounding loss: BCE(y, sim) averaged over the valid frames of each <evi>, then over the <evi> of each response,
+    then over responses (per_sample; owner: the response of each <evi>). The paper uses hard 1/0 targets; the released
+    code a soft alpha^-d target (that comes in through y from the data)."""
     bce = F.binary_cross_entropy_with_logits(_f32(sim), _f32(y), reduction="none")
     per_evi = torch.where(valid, bce, 0).sum(1) / valid.sum(1).clamp(min=1)  # Eq. (3)
-    return per_evi.sum() / max(len(per_evi), 1)  # the mean over <evi>; no <evi> in the batch: a zero in the graph
+    return per_sample(per_evi, owner)
 
 
-def L_match(sim, target, valid):
+def L_match(sim, target, valid, owner):
     """Frame-level grounding as earlier grounding tokens do it (E.T. Chat's <vid>; the Tab. 6 ablation): a softmax
-    over the valid frames, cross-entropy on the one target frame of each <evi>, averaged over <evi> tokens."""
+    over the valid frames, cross-entropy on the one target frame of each <evi>, averaged as L_gnd is."""
     logits = _f32(sim).masked_fill(~valid, float("-inf"))
-    return F.cross_entropy(logits, target, reduction="sum") / max(len(target), 1)
+    return per_sample(F.cross_entropy(logits, target, reduction="none"), owner)
 
 
-def L_cons(f1, f2):
+def L_cons(f1, f2, owner):
     """Consistency between the k-th <evi> head output of stage 1 and of stage 2, f1/f2 (K, C): mean absolute
-    difference over k and channels."""
-    return (_f32(f1) - _f32(f2)).abs().sum() / max(f1.numel(), 1)  # Eq. (1); no pairs: 0
+    difference over channels, then over the pairs of each response (owner), then over responses (per_sample)."""
+    return per_sample((_f32(f1) - _f32(f2)).abs().mean(1), owner)  # Eq. (1); no pairs: 0
 
 
 def cons_pairs(b):
@@ -58,19 +68,19 @@ def evi_valid(b):
 
 def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=False):
     """Eq. (2) with the released weights (CE + 10 BCE + 10 L1) over the first `rows` responses (default: all) ->
-    (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3). Each term is pooled over the
-    batch's tokens / <evi> / pairs (the released code averages per sample, at batch 1: the same there)."""
+    (loss, parts). match: frame-level <evi> grounded by L_match instead of Eq. (3). As released: L_sft over the
+    batch's tokens (Hugging Face's mean), L_gnd and L_cons per response, then over responses."""
     labels = b["labels"][:rows]
     keep = b["evi_b"] < len(labels)  # the <evi> of those responses
     valid = evi_valid(b)[keep]
     l_sft = L_sft(logits[:rows], labels)
     if match:
-        l_gnd = L_match(sim[keep], b["evi_span"][keep][:, 0], valid)
+        l_gnd = L_match(sim[keep], b["evi_span"][keep][:, 0], valid, b["evi_b"][keep])
     else:
-        l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid)
+        l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid, b["evi_b"][keep])
     i1, i2 = cons_pairs(b)
     pair = keep[i1]  # a pair's two <evi> share a response: the pairs of those responses
-    l_cons = L_cons(f_evi[i1[pair]], f_evi[i2[pair]])
+    l_cons = L_cons(f_evi[i1[pair]], f_evi[i2[pair]], b["evi_b"][i1[pair]])
     loss = l_sft + w_gnd * l_gnd + w_cons * l_cons  # Eq. (2)
     return loss, dict(sft=l_sft.item(), gnd=l_gnd.item(), cons=l_cons.item())
 

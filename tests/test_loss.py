@@ -32,6 +32,15 @@ def test_L_sft_matches_loop():
     assert torch.allclose(L_sft(logits, labels), torch.stack(terms).mean())
 
 
+def per_response_mean(values, owner):
+    """The mean over each response's values, then over the responses that have any: the released code's average."""
+    groups = [[v for v, o in zip(values, owner.tolist()) if o == r] for r in sorted(set(owner.tolist()))]
+    return sum(sum(g) / len(g) for g in groups) / len(groups)
+
+
+OWNER = torch.tensor([0, 0, 0, 2, 2])  # the response of each of batch_evi's <evi>: 3 of response 0, none of 1, 2 of 2
+
+
 def test_L_gnd_eq3_matches_loop():
     sim, y, valid = batch_evi()
     y[0] = torch.rand(y.shape[1], dtype=D)  # a soft target row too
@@ -41,7 +50,7 @@ def test_L_gnd_eq3_matches_loop():
         bce = [-(y[n, t] * math.log(torch.sigmoid(sim[n, t])) + (1 - y[n, t]) * math.log(1 - torch.sigmoid(sim[n, t])))
                for t in frames]
         per_evi.append(float(sum(bce)) / len(frames))
-    assert torch.allclose(L_gnd(sim, y, valid), torch.tensor(sum(per_evi) / len(per_evi), dtype=D))
+    assert torch.allclose(L_gnd(sim, y, valid, OWNER), torch.tensor(per_response_mean(per_evi, OWNER), dtype=D))
 
 
 def test_L_match_is_cross_entropy_over_valid_frames():
@@ -52,13 +61,14 @@ def test_L_match_is_cross_entropy_over_valid_frames():
         frames = [t for t in range(sim.shape[1]) if valid[n, t]]
         z = sum(math.exp(float(sim[n, t])) for t in frames)
         per_evi.append(-math.log(math.exp(float(sim[n, target[n]])) / z))
-    assert abs(float(L_match(sim, target, valid)) - sum(per_evi) / len(per_evi)) < 1e-9
+    assert abs(float(L_match(sim, target, valid, OWNER)) - per_response_mean(per_evi, OWNER)) < 1e-9
 
 
 def test_L_cons_eq1_matches_loop():
     f1, f2 = torch.randn(4, 7, dtype=D), torch.randn(4, 7, dtype=D)
-    ref = sum(sum(abs(f1[k, c] - f2[k, c]) for c in range(7)) / 7 for k in range(4)) / 4
-    assert torch.allclose(L_cons(f1, f2), ref)
+    owner = torch.tensor([0, 1, 1, 1])  # the response of each pair
+    ref = per_response_mean([sum(abs(f1[k, c] - f2[k, c]) for c in range(7)) / 7 for k in range(4)], owner)
+    assert torch.allclose(L_cons(f1, f2, owner), ref)
 
 
 def test_log_p_g_eq6_is_log_of_the_product():
@@ -193,8 +203,8 @@ def test_a_batch_without_evi_gives_zero_grounding_and_consistency_losses_in_the_
     nothing), and backward still runs."""
     sim = torch.zeros(0, 5, requires_grad=True)
     valid = torch.zeros(0, 5, dtype=torch.bool)
-    losses = [L_gnd(sim, torch.zeros(0, 5), valid), L_match(sim, torch.zeros(0, dtype=torch.long), valid),
-              L_cons(sim, sim)]
+    none = torch.zeros(0, dtype=torch.long)
+    losses = [L_gnd(sim, torch.zeros(0, 5), valid, none), L_match(sim, none, valid, none), L_cons(sim, sim, none)]
     assert [l.item() for l in losses] == [0.0, 0.0, 0.0]
     sum(losses).backward()
     assert sim.grad.shape == (0, 5)
