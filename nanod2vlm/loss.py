@@ -23,8 +23,8 @@ def L_sft(logits, labels):
 
 def per_sample(x, owner):
     """The mean of x (one value per <evi> or pair) over each response's own (owner: the response of each), then over
-    the responses that have any: how the released code averages L_gnd and L_cons over a batch. None: a zero in the
-    graph."""
+    the responses that have any: how the released code averages L_gnd and L_cons over a batch. No values: a zero
+    in the graph."""
     if not len(x):
         return x.sum()
     _, row = owner.unique(return_inverse=True)  # the responses that have any, numbered 0, 1, ...
