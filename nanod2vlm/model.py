@@ -1,6 +1,6 @@
 """nanod2vlm: the whole D²VLM model in one file.
 
-Read top-down: config, primitives (RMSNorm, RoPE, attention, MLP, LoRA), the EVA-CLIP vision tower,
+Read top-down: config, primitives (RMSNorm, RoPE, attention, LoRA), the EVA-CLIP vision tower,
 the Q-Former frame compressor, the Phi-3 decoder, then the D²VLM model that owns the <evi> mechanism.
 Loading and saving it: nanod2vlm/checkpoint.py.
 """
@@ -127,25 +127,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k = (apply_rope(t, cos, sin) for t in (q, k))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
-
-
-class MLP(nn.Module):
-    """SiLU-gated MLP; the checkpoint stores gate and up fused in one matrix: gate rows first."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.n_embd, 2 * cfg.n_mlp, bias=False)
-        self.down_proj = nn.Linear(cfg.n_mlp, cfg.n_embd, bias=False)
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
 
 
 class LoRALinear(nn.Module):
@@ -173,8 +159,7 @@ def add_lora(model, cfg):
     """Wrap every nn.Linear whose name ends in one of cfg.lora_targets with a LoRALinear (in place)."""
     for name, m in list(model.named_modules()):  # a list: the loop replaces modules
         if isinstance(m, nn.Linear) and name.endswith(tuple(cfg.lora_targets)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+            model.set_submodule(name, LoRALinear(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
     return model
 
 
@@ -251,14 +236,12 @@ class EVAViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.vit_width))
         # one position per patch, and the CLS token's
         self.pos_embed = nn.Parameter(torch.randn(1, (cfg.img_size // cfg.patch) ** 2 + 1, cfg.vit_width) * 0.02)
-        self.blocks = nn.ModuleList(EVABlock(cfg) for _ in range(cfg.vit_layers))
+        self.blocks = nn.Sequential(*(EVABlock(cfg) for _ in range(cfg.vit_layers)))
 
     def forward(self, images):  # (N, 3, S, S) CLIP-normalised
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (N, n_patches, C)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return x[:, 1:]  # (N, n_patches, C): patch tokens of the last kept block
+        return self.blocks(x)[:, 1:]  # (N, n_patches, C): patch tokens of the last kept block
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,23 +393,27 @@ class Cache:
     def update(self, layer, k, v):
         """Append the new keys/values (B, nh, L, hd) of `layer`; return all of them."""
         if layer in self.kv:
-            k = torch.cat([take(self.kv[layer][0], self.rows), k], 2)
-            v = torch.cat([take(self.kv[layer][1], self.rows), v], 2)
+            k, v = (torch.cat([take(old, self.rows), new], 2) for old, new in zip(self.kv[layer], (k, v)))
         self.kv[layer] = (k, v)
         return k, v
 
 
 class Block(nn.Module):
+    """Pre-norm decoder block: attention, then a SiLU-gated MLP whose gate and up projections the checkpoint stores
+    fused in one matrix, gate rows first."""
+
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = nn.ModuleDict(dict(gate_up_proj=nn.Linear(cfg.n_embd, 2 * cfg.n_mlp, bias=False),
+                                      down_proj=nn.Linear(cfg.n_mlp, cfg.n_embd, bias=False)))
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.mlp.down_proj(up * F.silu(gate))
 
 
 class Phi3(nn.Module):
