@@ -74,10 +74,8 @@ def sft_loss(logits, sim, f_evi, b, w_gnd=10.0, w_cons=10.0, rows=None, match=Fa
     keep = b["evi_b"] < len(labels)  # the <evi> of those responses
     valid = evi_valid(b)[keep]
     l_sft = L_sft(logits[:rows], labels)
-    if match:
-        l_gnd = L_match(sim[keep], b["evi_span"][keep][:, 0], valid, b["evi_b"][keep])
-    else:
-        l_gnd = L_gnd(sim[keep], b["evi_y"][keep], valid, b["evi_b"][keep])
+    grounding, target = (L_match, b["evi_span"][:, 0]) if match else (L_gnd, b["evi_y"])  # Eq. (3) or its ablation
+    l_gnd = grounding(sim[keep], target[keep], valid, b["evi_b"][keep])
     i1, i2 = cons_pairs(b)
     pair = keep[i1]  # a pair's two <evi> share a response: the pairs of those responses
     l_cons = L_cons(f_evi[i1[pair]], f_evi[i2[pair]], b["evi_b"][i1[pair]])
