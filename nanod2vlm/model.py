@@ -358,8 +358,8 @@ class FrameCompressor(nn.Module):
         query = self.qformer_proj(self.qformer_bert(query, q_ids, q_valid, self.qformer_ln(patches), rows))  # (N, Q, V)
         att = self.qformer_q_proj(query) @ self.qformer_k_proj(patches).transpose(1, 2)  # (N, Q, P)
         att = (att / patches.size(-1) ** 0.5).softmax(-1)
-        emb = (att @ patches + query).mean(1)  # (N, V): raw patches pooled by the queries, plus the queries
-        return self.qformer_v_proj(emb)  # (N, n_embd)
+        # (N, V): the raw patches pooled by the queries, plus the queries; v_proj takes it to (N, n_embd)
+        return self.qformer_v_proj((att @ patches + query).mean(1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -637,6 +637,5 @@ class D2VLM(nn.Module):
                 e = e + pool(prefill["F_cap"], torch.tensor([[s, t]], device=dev)).to(e.dtype)
             return e
         keep = (cfg.evi_layer, cfg.capture_layer)  # the states ground reads: hs[0] for the heads, hs[1] is F~_V
-        out = self.llm.generate(x, max_new_tokens, cfg.end_id, frm, keep, ground, temperature, seed, repetition_penalty,
-                                seen=prompt_ids, exempt=(cfg.image_id, cfg.evi_id))
-        return out, evis
+        return self.llm.generate(x, max_new_tokens, cfg.end_id, frm, keep, ground, temperature, seed,
+                                 repetition_penalty, seen=prompt_ids, exempt=(cfg.image_id, cfg.evi_id)), evis
