@@ -99,8 +99,7 @@ def parse(argv):
         return replace(obj, **{k: cast(k, type(getattr(obj, k)), v) for k, v in kv.items() if hasattr(obj, k)})
     run = override(Train())
     if run.resume:  # the run continues as it was started: its saved settings, which no flag may contradict
-        ckpt = latest(run.out)
-        if ckpt == run.out:
+        if (ckpt := latest(run.out)) == run.out:
             raise InputError(f"--resume: no checkpoint in {run.out} (expected {run.out}/latest); give the run's --out")
         try:
             state = json.load(open(os.path.join(ckpt, "state.json")))

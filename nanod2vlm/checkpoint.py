@@ -37,8 +37,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     path = latest(path)
     if os.path.exists(os.path.join(path, "state.json")):
         return _load_run(path, dev)
-    adapter = os.path.exists(os.path.join(path, "adapter_model.safetensors"))
-    if adapter:
+    if adapter := os.path.exists(os.path.join(path, "adapter_model.safetensors")):
         peft = read_json(os.path.join(path, "adapter_config.json"), "adapter config")
         base = base or peft.get("base_model_name_or_path") or ""
         if not os.path.isdir(base):
