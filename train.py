@@ -20,8 +20,8 @@ from tqdm import tqdm
 from nanod2vlm.data import FrameCache, VideoDataset, ablate, collate, read_annotations, read_pairs, turns
 from nanod2vlm.files import InputError, cli, writable, write_atomic
 from nanod2vlm.loss import fpo_step_loss, sft_loss
-from nanod2vlm.checkpoint import (CheckpointError, _config, build_d2vlm, latest, load_model, load_optimizer,
-                                  save_checkpoint)
+from nanod2vlm.checkpoint import (TOKEN_IDS, CheckpointError, _config, build_d2vlm, latest, load_model,
+                                  load_optimizer, save_checkpoint)
 from nanod2vlm.model import CONFIGS, Config, cast_frozen, mark_trainable
 from nanod2vlm.tokenizer import Tokenizer, WordPiece
 from nanod2vlm.eval import evaluate, predictions_path, print_metrics
@@ -99,8 +99,7 @@ def parse(argv):
         return replace(obj, **{k: cast(k, type(getattr(obj, k)), v) for k, v in kv.items() if hasattr(obj, k)})
     run = override(Train())
     if run.resume:  # the run continues as it was started: its saved settings, which no flag may contradict
-        ckpt = latest(run.out)
-        if ckpt == run.out:
+        if (ckpt := latest(run.out)) == run.out:
             raise InputError(f"--resume: no checkpoint in {run.out} (expected {run.out}/latest); give the run's --out")
         try:
             state = json.load(open(os.path.join(ckpt, "state.json")))
@@ -220,10 +219,9 @@ def main(argv):
     # torchrun sets RANK and WORLD_SIZE: one process per device, each with its share of every batch
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    ddp = world > 1
-    if ddp and dev != "cpu":
-        torch.cuda.set_device(dev)
-    if ddp:
+    if ddp := world > 1:
+        if dev != "cpu":
+            torch.cuda.set_device(dev)
         dist.init_process_group("gloo" if dev == "cpu" else "nccl")
     torch.manual_seed(run.seed)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -247,8 +245,7 @@ def main(argv):
     else:
         tok, wp = build_tokenizers(run)
         cfg = replace(cfg, vocab_size=max(cfg.vocab_size, tok.vocab_size) if run.hf_llm else tok.vocab_size,
-                      qf_vocab=len(wp.vocab), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,
-                      end_id=tok.end_id)
+                      qf_vocab=len(wp.vocab), **{k: getattr(tok, k) for k in TOKEN_IDS})
         state = dict(base=dict(hf_llm=run.hf_llm, eva=run.eva))
         model = build_d2vlm(cfg, **state["base"])
     if cfg.lora_r:
@@ -306,12 +303,10 @@ def main(argv):
         say(f"resumed {init} at step {step}")
     durations = [r["duration"] for r in ds.records]  # a sample's length is mostly its frames
     fwd = torch.compile(model, dynamic=True) if run.compile else model
-    n_params = sum(p.numel() for p in params)
     say(f"{run.stage} | {run.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-        f"({n_params / 1e6:.2f}M trainable) | {len(ds)} samples | {world} process(es) on {dev}")
+        f"({sum(p.numel() for p in params) / 1e6:.2f}M trainable) | {len(ds)} samples | {world} process(es) on {dev}")
 
-    # loop
-    os.makedirs(run.out, exist_ok=True)
+    # loop (save_checkpoint makes run.out)
     model.train()
     bar = tqdm(total=run.steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0 = time.time()

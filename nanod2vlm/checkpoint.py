@@ -37,8 +37,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     path = latest(path)
     if os.path.exists(os.path.join(path, "state.json")):
         return _load_run(path, dev)
-    adapter = os.path.exists(os.path.join(path, "adapter_model.safetensors"))
-    if adapter:
+    if adapter := os.path.exists(os.path.join(path, "adapter_model.safetensors")):
         peft = read_json(os.path.join(path, "adapter_config.json"), "adapter config")
         base = base or peft.get("base_model_name_or_path") or ""
         if not os.path.isdir(base):
@@ -62,8 +61,7 @@ def load_model(path, dev="cpu", bert_vocab="", base="", cfg=None):
     tok = Tokenizer.phi3(tok_dir)
     if not _knows_evi(tok_dir):
         warnings.warn(f"{tok_dir}: an E.T. Chat tokenizer (no <evi>): evi_head and frm_head start fresh, untrained")
-    cfg = replace(cfg, **phi3_fields(folder), image_id=tok.image_id, evi_id=tok.evi_id, evi_end_id=tok.evi_end_id,
-                  end_id=tok.end_id)
+    cfg = replace(cfg, **phi3_fields(folder), **{k: getattr(tok, k) for k in TOKEN_IDS})
     if adapter:
         cfg = replace(cfg, lora_r=peft["r"], lora_alpha=float(peft["lora_alpha"]),
                       lora_targets=tuple(peft["target_modules"]), lora_dropout=peft.get("lora_dropout", 0.0))
@@ -104,6 +102,9 @@ def _knows_evi(folder):
     return any("<evi>" in open(f, encoding="utf-8").read() for f in files if os.path.exists(f))
 
 
+TOKEN_IDS = ("image_id", "evi_id", "evi_end_id", "end_id")  # the Config fields that name a tokenizer's special ids
+
+
 def _config(d):
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
@@ -142,8 +143,7 @@ def phi3_fields(folder):
                    "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
                    "num_key_value_heads": (hf.get("num_key_value_heads", hf.get("num_attention_heads")),
                                            hf.get("num_attention_heads"))}
-    bad = [f"{k} {got!r} (implemented: {want!r})" for k, (got, want) in implemented.items() if got != want]
-    if bad:
+    if bad := [f"{k} {got!r} (implemented: {want!r})" for k, (got, want) in implemented.items() if got != want]:
         raise CheckpointError(f"{folder}/config.json: not supported: {'; '.join(bad)}; use Phi-3-mini-4k-instruct")
     if missing := [k for k in PHI3.values() if k not in hf]:
         raise CheckpointError(f"{folder}/config.json: no {', '.join(missing)}: not a Phi-3 config")
@@ -154,8 +154,7 @@ def load_phi3(hf_dir, cfg=None, into=None):
     """An HF Phi-3 folder (config.json + safetensors) -> Phi3, or its weights into `into` (D2VLM's llm). cfg, if
     given, must agree with config.json. synth.py --llm, bench.py and build_d2vlm load Phi-3 this way."""
     found = phi3_fields(hf_dir)
-    bad = [f"{k}: config.json {v}, cfg {getattr(cfg, k)}" for k, v in found.items() if cfg and v != getattr(cfg, k)]
-    if bad:
+    if bad := [f"{k}: config.json {v}, cfg {getattr(cfg, k)}" for k, v in found.items() if cfg and v != getattr(cfg, k)]:
         raise CheckpointError(f"{hf_dir}/config.json does not match cfg: " + "; ".join(bad))
     if into is None:
         with torch.device("meta"):
@@ -332,10 +331,9 @@ def _load_tensors(targets, files, rename=None, missing_ok=()):
             if (shape := tuple(sf.get_slice(key).get_shape())) != tuple(targets[name].shape):
                 shapes.append(f"{name} (checkpoint {shape}, model {tuple(targets[name].shape)})")
     missing = [k for k in targets if k not in plan and not any(m in k for m in missing_ok)]
-    report = "".join(f"\n  {len(items)} {what}: " + ", ".join(items[:8]) + (", ..." if len(items) > 8 else "")
-                     for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                         ("shape mismatches", shapes)) if items)
-    if report:
+    if report := "".join(f"\n  {len(items)} {what}: " + ", ".join(items[:8]) + (", ..." if len(items) > 8 else "")
+                         for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                             ("shape mismatches", shapes)) if items):
         raise CheckpointError(f"checkpoint {os.path.dirname(files[0]) if len(files) > 1 else files[0]} does not fit "
                               f"the model:{report}")
     with torch.no_grad():
