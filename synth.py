@@ -34,7 +34,6 @@ LLM_PROMPT = ("Rewrite this sentence with one key detail (a colour, shape, actio
 def parse(rec):
     """Record -> events [(s, e, chunk)] in temporal order; None if the stages and time_gt do not line up."""
     value = turns(rec)["gpt"]
-    dur = rec["duration"]
     if value.count("</evi>") != 1:
         return None
     stage1, stage2 = value.split("</evi>")
@@ -47,7 +46,7 @@ def parse(rec):
     cuts = [0] + [a + ([m.end() for m in re.finditer(r"[.!?](?=\s)", stage2[a:b])] or [b - a])[-1]
                   for a, b in zip(pos, pos[1:])] + [len(stage2)]
     ev = [(s, e, stage2[i:j].strip()) for (s, e), i, j in zip(tg[0], cuts, cuts[1:])]
-    return ev if valid(ev, dur) else None
+    return ev if valid(ev, rec["duration"]) else None
 
 
 def valid(ev, dur):
@@ -65,9 +64,8 @@ def build_vocab(records):
     """What a distortion may say: the words of each class as they occur in the responses ({class: sorted words},
     digit numbers as class "number") and every pair of adjacent words the responses contain."""
     responses = [[w.lower() for w in TOKEN.findall(turns(rec)["gpt"])] for rec in records]  # their words, in order
-    words = {}
-    for w in sorted({w for ws in responses for w in ws if word_class(w)}):
-        words.setdefault(word_class(w), []).append(w)
+    seen = sorted({w for ws in responses for w in ws if word_class(w)})
+    words = {c: [w for w in seen if word_class(w) == c] for c in dict.fromkeys(map(word_class, seen))}
     return {"words": words, "pairs": {p for ws in responses for p in zip(ws, ws[1:])}}
 
 

@@ -133,8 +133,6 @@ def check_records(path, records, videos=None):
     video is there too); every malformed one reported in one InputError."""
     errors = []
     for where, r in records:
-        if isinstance(r, dict):
-            _normalize(r)
         problems = _check_record(r)
         if not problems and videos is not None and not os.path.isfile(os.path.join(videos, r["video"])):
             problems.append(f"video {os.path.join(videos, r['video'])} not found")
@@ -165,9 +163,10 @@ def _is_number_pair(x):
 
 
 def _check_record(r):
-    """-> list of problems with one record (empty if it is well formed)."""
+    """-> list of problems with one record (empty if it is well formed), _normalize'd first."""
     if not isinstance(r, dict):
         return ["not a JSON object"]
+    _normalize(r)
     problems = []
     if not isinstance(r.get("video"), str):
         problems.append("'video' must be a string path")
@@ -223,8 +222,7 @@ def frame_pos(times, v, fps=1.0):
 def frame_span(times, interval, fps=1.0):
     """Inclusive frame-index range [a, b] of interval [s, e] in seconds: each end's frame_pos rounded (Python round,
     half to even), clamped and ordered, as released."""
-    a, b = (min(max(round(frame_pos(times, v, fps)), 0), len(times) - 1) for v in interval)
-    return min(a, b), max(a, b)
+    return tuple(sorted(min(max(round(frame_pos(times, v, fps)), 0), len(times) - 1) for v in interval))
 
 
 def frame_spans(times, intervals, fps=1.0):
@@ -260,8 +258,7 @@ class VideoDataset:
         self.cache = cache or FrameCache()
         self.video = dict(fps=fps, size=size, max_frames=max_frames, encode=encode, tag=tag)
         self.rejected = rejected
-        self.alpha = alpha
-        self.exact = exact
+        self.target = dict(alpha=alpha, exact=exact)  # frame_targets' soft target settings
 
     def __len__(self):
         return len(self.records)
@@ -284,7 +281,7 @@ class VideoDataset:
         fps = self.video["fps"]
         resp = torch.tensor(self.tok.encode(turns(r)["gpt"] + "<|end|>"))
         eg, ir = (r.get("time_gt", {}).get(key, []) for key in ("evidence_grounding", "interleaved_response"))
-        y = [frame_targets(times, span, self.alpha, self.exact, fps) for span in eg + ir]
+        y = [frame_targets(times, span, fps=fps, **self.target) for span in eg + ir]
         return dict(resp=resp, evi_pos=(resp == self.tok.evi_id).nonzero().flatten(),
                     evi_stage=torch.tensor([1] * len(eg) + [2] * len(ir)),
                     evi_k=torch.tensor([*range(len(eg)), *range(len(ir))], dtype=torch.long),

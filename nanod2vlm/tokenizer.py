@@ -50,11 +50,11 @@ class Tokenizer:
         proto = model.read_bytes()
         base = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
         special = {s: base + i for i, s in enumerate(PHI3_ADDED)}
-        if path.is_dir() and (path / "added_tokens.json").is_file():
-            special.update(json.loads((path / "added_tokens.json").read_text()))
-        if path.is_dir() and (path / "tokenizer_config.json").is_file():
-            added = json.loads((path / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
-            special.update({t["content"]: int(i) for i, t in added.items() if int(i) >= base})
+        # a folder's added_tokens.json and tokenizer_config.json, where there (a file's path has none)
+        read = lambda name: json.loads((path / name).read_text()) if (path / name).is_file() else {}
+        special.update(read("added_tokens.json"))
+        added = read("tokenizer_config.json").get("added_tokens_decoder", {})
+        special.update({t["content"]: int(i) for i, t in added.items() if int(i) >= base})
         for s in D2VLM_ADDED:
             special.setdefault(s, max(special.values()) + 1)
         return cls(proto, special)
@@ -119,17 +119,10 @@ class Tokenizer:
 # WordPiece: the uncased BERT tokenizer that feeds the question to the Q-Former
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def _is_punct(c):
-    o = ord(c)  # BERT counts every non-alphanumeric ASCII character as punctuation, e.g. "$" and "^"
-    return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c)[0] == "P"
-
-
-def _is_cjk(c):
-    o = ord(c)
-    return any(a <= o <= b for a, b in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-                                        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+# what BERT splits off as a word of its own besides Unicode punctuation: every non-alphanumeric ASCII character
+# (e.g. "$" and "^") and the CJK ideographs
+SPLIT_RANGES = ((33, 47), (58, 64), (91, 96), (123, 126), (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF),
+                (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 
 
 def basic_tokenize(text):
@@ -140,7 +133,7 @@ def basic_tokenize(text):
         if c in " \t\n\r" or cat == "Zs":
             out.append(" ")
         elif not (ord(c) in (0, 0xFFFD) or cat[0] == "C" or cat == "Mn"):  # drop control chars and accents
-            out.append(f" {c} " if _is_punct(c) or _is_cjk(c) else c)
+            out.append(f" {c} " if cat[0] == "P" or any(a <= ord(c) <= b for a, b in SPLIT_RANGES) else c)
     return "".join(out).split()
 
 
