@@ -136,15 +136,14 @@ def _json(path):
 def _world(r, i):
     """A world record -> its E.T. Bench record; `g`, a dense answer's captions (the text after each answer <evi>),
     and `answer`, the answer stage's text (a qa answer is right when its first sentence is this one's)."""
-    conversation = turns(r)
-    said = conversation["gpt"].split("</evi>")[-1]
+    chat = turns(r)
+    said = chat["gpt"].split("</evi>")[-1]
     task, spans = WORLD_TASK.get(r.get("task", "single")), r["time_gt"]["interleaved_response"]
     if task is None:
         raise InputError(f"record {i}: task {r['task']!r} is none of {', '.join(WORLD_TASK)}")
-    question = conversation["human"].replace("<image>", "").strip()
-    return dict(task=task, source="world", idx=i, video=r["video"], q=question,
-                tgt=spans if task in ("tal", "dvc") else spans[0], g=[c.strip() for c in said.split("<evi>")[1:]],
-                answer=said.strip())
+    return dict(task=task, source="world", idx=i, video=r["video"],
+                q=chat["human"].replace("<image>", "").strip(), tgt=spans if task in ("tal", "dvc") else spans[0],
+                g=[c.strip() for c in said.split("<evi>")[1:]], answer=said.strip())
 
 
 def _src(src):
@@ -434,8 +433,7 @@ def _bert_key(key):
 
 def _iou(a, b):
     """nncore's temporal IoU in float32: spans (N, 2) x (M, 2) -> (N, M); two zero-length spans give NaN."""
-    a = torch.tensor(a, dtype=torch.float32).view(-1, 2)
-    b = torch.tensor(b, dtype=torch.float32).view(-1, 2)
+    a, b = (torch.tensor(x, dtype=torch.float32).view(-1, 2) for x in (a, b))
     inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
     return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None] - inter)
 
@@ -764,10 +762,9 @@ def _mean_sd(xs):
 
 def _bars(stats, seeds, path):
     """The test split's cells as grouped bars, one colour per row, the seed sd as error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    from matplotlib.figure import Figure  # not pyplot, as sample.py draws: no window and no global figure
+    fig = Figure(figsize=(12, 4.5))
+    ax = fig.subplots()
     w = 0.8 / len(stats)
     for i, (row, cells) in enumerate(stats.items()):
         mean, sd = zip(*cells.values())
@@ -777,7 +774,6 @@ def _bars(stats, seeds, path):
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 @cli
