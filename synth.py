@@ -64,8 +64,9 @@ def build_vocab(records):
     """What a distortion may say: the words of each class as they occur in the responses ({class: sorted words},
     digit numbers as class "number") and every pair of adjacent words the responses contain."""
     responses = [[w.lower() for w in TOKEN.findall(turns(rec)["gpt"])] for rec in records]  # their words, in order
-    seen = sorted({w for ws in responses for w in ws if word_class(w)})
-    words = {c: [w for w in seen if word_class(w) == c] for c in dict.fromkeys(map(word_class, seen))}
+    words = {}
+    for w in sorted({w for ws in responses for w in ws if word_class(w)}):
+        words.setdefault(word_class(w), []).append(w)
     return {"words": words, "pairs": {p for ws in responses for p in zip(ws, ws[1:])}}
 
 
