@@ -108,6 +108,11 @@ def take(x, rows):
     return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
+def rows_at(x, at):
+    """x (B, L, ...) at positions at (B, n) -> (B, n, ...)."""
+    return x[torch.arange(len(at), device=at.device)[:, None], at]
+
+
 def attend(q, k, v, n_head, mask=None, dropout=0.0):
     """Multi-head attention of q (B, Lq, C) over k, v (B, Lk, C'), heads split off the channels -> (B, Lq, C);
     dropout on the attention probabilities."""
@@ -125,11 +130,13 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, at=None):
         q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)
         q, k = (apply_rope(t, cos, sin) for t in (q, k))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
+        if at is not None:  # queries only at positions at (B, n); the keys and values stay everyone's
+            q, mask = (rows_at(t.transpose(1, 2), at).transpose(1, 2) for t in (q, mask))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
 
@@ -410,8 +417,10 @@ class Block(nn.Module):
         self.mlp = nn.ModuleDict(dict(gate_up_proj=nn.Linear(cfg.n_embd, 2 * cfg.n_mlp, bias=False),
                                       down_proj=nn.Linear(cfg.n_mlp, cfg.n_embd, bias=False)))
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, at=None):
+        """-> the block's output (B, L, C), or only at positions at (B, n) (B, n, C) (its keys/values: all L)."""
+        y = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, at)
+        x = (x if at is None else rows_at(x, at)) + y
         gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.mlp.down_proj(up * F.silu(gate))
 
@@ -427,17 +436,23 @@ class Phi3(nn.Module):
                                         norm=RMSNorm(cfg.n_embd, cfg.rms_eps)))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
-    def forward(self, x, pos, mask, cache=None, keep=()):
+    def forward(self, x, pos, mask, cache=None, keep=(), at=None):
         """x (B, L, C) input embeddings (the caller embeds ids and may edit them); pos (B, L) long RoPE
         positions; mask (B, 1, L, Lk) bool (see build_mask), or None to let every query see every key (a decode
         step over an unpadded cache: no mask to build, and the faster SDPA path); cache: a Cache or None. Returns
         the final-norm output (B, L, C) (logits = lm_head of it, where they are needed) and the hidden states named
-        by `keep`, numbered as HF's hidden_states (0: the input, i: the output of block i, -1: of the last)."""
+        by `keep`, numbered as HF's hidden_states (0: the input, i: the output of block i, -1: of the last).
+        at (B, n): return the output (B, n, C) only at these positions; unless `keep` holds the last block's states,
+        that block computes only there (its keys and values still at every position, for a later pass)."""
         cos, sin = rope_cos_sin(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
+        n = self.cfg.n_layer
+        cut = at is not None and n not in [i % (n + 1) for i in keep]  # a kept last block needs all its rows
         hs = [x]
         for layer, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, layer)
+            x = block(x, cos, sin, mask, cache, layer, at if cut and layer == n - 1 else None)
             hs.append(x)
+        if at is not None and not cut:
+            x = rows_at(x, at)
         return self.model.norm(x), [hs[i] for i in keep]
 
     @torch.no_grad()
@@ -562,7 +577,9 @@ class D2VLM(nn.Module):
         mask = build_mask(valid, b["ids"] == cfg.image_id)
         r = b["resp_b"]  # the prompt of each response
         cache = Cache(rows=r)
-        out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer))
+        # Its output is read only at its last position, whose logits predict the first response token.
+        last = (valid.sum(1) - 1)[:, None]
+        out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer), at=last)
         row = torch.arange(len(frm_pos), device=x.device)[:, None]  # frame t of sample i: h_p[i, frm_pos[i, t]]
         f_frm = self.frm_head(h_p[row, frm_pos])  # (B, T, C)
         F_cap = cap_p[row, frm_pos]  # F~_V (B, T, C)
@@ -581,9 +598,8 @@ class D2VLM(nn.Module):
         mask_r = build_mask(torch.cat([valid[r], b["resp_valid"]], 1))[:, :, -R:]
         out_r, (h_r,) = self.llm(xr, pos_r, mask_r, cache, keep=(cfg.evi_layer,))
         # The states that predict response token j: the prompt's last position for j = 0, response position j - 1.
-        last = n_prompt - 1
-        logits = self.llm.lm_head(torch.cat([out_p[r, last][:, None], out_r[:, :-1]], 1))
-        h = torch.cat([h_p[r, last][:, None], h_r[:, :-1]], 1)
+        logits = self.llm.lm_head(torch.cat([take(out_p, r), out_r[:, :-1]], 1))
+        h = torch.cat([h_p[r, last[r, 0]][:, None], h_r[:, :-1]], 1)
         # Grounding: each <evi>'s evi_head output against the frm_head output of each frame of its video, a dot
         # product scaled by sqrt(C): the sim of the grounding loss and of p_g, as a logit.
         f_evi = self.evi_head(h[b["evi_b"], b["evi_pos"]])

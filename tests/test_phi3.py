@@ -92,6 +92,29 @@ def test_frame_tokens_attend_bidirectionally():
     assert not torch.allclose(c5[5], c[5])
 
 
+@pytest.mark.parametrize("keep", [(1,), (-1,)])  # (-1,): the last block's states are kept, so it computes all rows
+def test_output_at_some_positions_equals_the_full_pass_there(keep):
+    """at: the output only at given positions (training's prompt pass reads only its last position), with the same
+    kept states and the same keys and values cached for a later pass."""
+    torch.manual_seed(0)
+    model = Phi3(CFG).eval()
+    x = torch.randn(2, 7, 64)
+    pos = torch.arange(7).expand(2, 7)
+    valid = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    mask = build_mask(valid, torch.arange(7).expand(2, 7) < 3)
+    at = torch.tensor([[6], [4]])  # each sequence's last real position
+    with torch.no_grad():
+        cache_at, cache_full = Cache(), Cache()
+        out, hs = model(x, pos, mask, cache_full, keep)
+        out_at, hs_at = model(x, pos, mask, cache_at, keep, at=at)
+    assert out_at.shape == (2, 1, 64)
+    torch.testing.assert_close(out_at[:, 0], out[[0, 1], [6, 4]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hs_at[0], hs[0], rtol=1e-5, atol=1e-5)
+    for layer in range(CFG.n_layer):
+        for a, b in zip(cache_at.kv[layer], cache_full.kv[layer]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_build_mask_padding_rows_do_not_nan():
     valid = torch.tensor([[True, True, False, False]])
     mask = build_mask(valid, torch.tensor([[True, True, True, False]]))
