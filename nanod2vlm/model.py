@@ -131,12 +131,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, at=None):
+        """x (B, L, C) -> (B, L, C), or with `at` (B, n) only at those positions (B, n, C)."""
         q, k, v = rearrange(self.qkv_proj(x), "b l (three h d) -> three b h l d", three=3, h=self.n_head)
         q, k = (apply_rope(t, cos, sin) for t in (q, k))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, Lk, hd): all cached keys plus the new ones
-        if at is not None:  # queries only at positions at (B, n); the keys and values stay everyone's
-            q, mask = (rows_at(t.transpose(1, 2), at).transpose(1, 2) for t in (q, mask))
+        if at is not None:  # queries only at positions at (B, n); keys and values stay at every position
+            q = rows_at(q.transpose(1, 2), at).transpose(1, 2)
+            mask = mask if mask is None else rows_at(mask.transpose(1, 2), at).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(rearrange(y, "b h l d -> b l (h d)"))
 
@@ -418,7 +420,8 @@ class Block(nn.Module):
                                       down_proj=nn.Linear(cfg.n_mlp, cfg.n_embd, bias=False)))
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, at=None):
-        """-> the block's output (B, L, C), or only at positions at (B, n) (B, n, C) (its keys/values: all L)."""
+        """-> the block's output (B, L, C); given `at` (B, n), only there (B, n, C), while its keys and values are
+        still computed (and cached) at all L positions."""
         y = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, at)
         x = (x if at is None else rows_at(x, at)) + y
         gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
@@ -445,11 +448,11 @@ class Phi3(nn.Module):
         at (B, n): return the output (B, n, C) only at these positions; unless `keep` holds the last block's states,
         that block computes only there (its keys and values still at every position, for a later pass)."""
         cos, sin = rope_cos_sin(pos, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta, x.dtype)
-        n = self.cfg.n_layer
-        cut = at is not None and n not in [i % (n + 1) for i in keep]  # a kept last block needs all its rows
+        n_layer = self.cfg.n_layer
+        cut = at is not None and n_layer not in [i % (n_layer + 1) for i in keep]  # a kept last block needs all rows
         hs = [x]
         for layer, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, layer, at if cut and layer == n - 1 else None)
+            x = block(x, cos, sin, mask, cache, layer, at if cut and layer == n_layer - 1 else None)
             hs.append(x)
         if at is not None and not cut:
             x = rows_at(x, at)
@@ -577,7 +580,8 @@ class D2VLM(nn.Module):
         mask = build_mask(valid, b["ids"] == cfg.image_id)
         r = b["resp_b"]  # the prompt of each response
         cache = Cache(rows=r)
-        # Its output is read only at its last position, whose logits predict the first response token.
+        # The prompt pass's output is read only at each prompt's last real position (the batch is right-padded),
+        # whose logits predict the first response token.
         last = (valid.sum(1) - 1)[:, None]
         out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer), at=last)
         row = torch.arange(len(frm_pos), device=x.device)[:, None]  # frame t of sample i: h_p[i, frm_pos[i, t]]
@@ -599,7 +603,7 @@ class D2VLM(nn.Module):
         out_r, (h_r,) = self.llm(xr, pos_r, mask_r, cache, keep=(cfg.evi_layer,))
         # The states that predict response token j: the prompt's last position for j = 0, response position j - 1.
         logits = self.llm.lm_head(torch.cat([take(out_p, r), out_r[:, :-1]], 1))
-        h = torch.cat([h_p[r, last[r, 0]][:, None], h_r[:, :-1]], 1)
+        h = torch.cat([take(rows_at(h_p, last), r), h_r[:, :-1]], 1)
         # Grounding: each <evi>'s evi_head output against the frm_head output of each frame of its video, a dot
         # product scaled by sqrt(C): the sim of the grounding loss and of p_g, as a logit.
         f_evi = self.evi_head(h[b["evi_b"], b["evi_pos"]])

@@ -103,10 +103,13 @@ def test_output_at_some_positions_equals_the_full_pass_there(keep):
     valid = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
     mask = build_mask(valid, torch.arange(7).expand(2, 7) < 3)
     at = torch.tensor([[6], [4]])  # each sequence's last real position
+    rows = []  # the positions the last block's MLP computes, per pass
+    model.model.layers[-1].mlp.gate_up_proj.register_forward_hook(lambda m, i, o: rows.append(o.shape[1]))
     with torch.no_grad():
         cache_at, cache_full = Cache(), Cache()
         out, hs = model(x, pos, mask, cache_full, keep)
         out_at, hs_at = model(x, pos, mask, cache_at, keep, at=at)
+    assert rows == [7, 7 if keep == (-1,) else 1]
     assert out_at.shape == (2, 1, 64)
     torch.testing.assert_close(out_at[:, 0], out[[0, 1], [6, 4]], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hs_at[0], hs[0], rtol=1e-5, atol=1e-5)
