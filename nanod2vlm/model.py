@@ -557,8 +557,7 @@ class D2VLM(nn.Module):
         start = frm.int().argmax(1, keepdim=True)  # the first placeholder
         frame_at = (torch.arange(L, device=ids.device) - start).clamp(0, T - 1)  # (B, L): the frame a position holds
         # gathers by indexing: take_along_dim would fix B, L and T in torch.compile's graph (a recompile per length)
-        row = torch.arange(len(ids), device=ids.device)[:, None]
-        x = torch.where(frm[..., None], F_V[row, frame_at], self.llm.model.embed_tokens(ids))
+        x = torch.where(frm[..., None], rows_at(F_V, frame_at), self.llm.model.embed_tokens(ids))
         x = x.index_put((src_b, src_pos), pool(take(F_V, src_b), src_span).to(x.dtype), accumulate=True)
         return x, (start + torch.arange(T, device=ids.device)).clamp(max=L - 1)
 
@@ -584,9 +583,8 @@ class D2VLM(nn.Module):
         # whose logits predict the first response token.
         last = (valid.sum(1) - 1)[:, None]
         out_p, (h_p, cap_p) = self.llm(x, pos, mask, cache, keep=(cfg.evi_layer, cfg.capture_layer), at=last)
-        row = torch.arange(len(frm_pos), device=x.device)[:, None]  # frame t of sample i: h_p[i, frm_pos[i, t]]
-        f_frm = self.frm_head(h_p[row, frm_pos])  # (B, T, C)
-        F_cap = cap_p[row, frm_pos]  # F~_V (B, T, C)
+        f_frm = self.frm_head(rows_at(h_p, frm_pos))  # (B, T, C): frame t of sample i is h_p[i, frm_pos[i, t]]
+        F_cap = rows_at(cap_p, frm_pos)  # F~_V (B, T, C)
         # 2. The response pass. Visual semantic capture (Sec. 3.2): each <evi> input is its embedding plus the mean
         # of F~_V over its interval (the ground truth's here; at inference the one its similarities pick).
         xr = self.llm.model.embed_tokens(b["resp"])
