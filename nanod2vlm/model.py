@@ -594,9 +594,9 @@ class D2VLM(nn.Module):
             xr = xr.index_put((b["evi_b"], b["evi_pos"]), pooled.to(xr.dtype), accumulate=True)
         # Response token j sits at position n_prompt + j and sees its prompt (the cache, through rows) and, causally,
         # the response: the last R rows of the mask over prompt + response.
-        n_prompt = valid.sum(1)[r]  # (N,)
+        n_prompt = take(last, r) + 1  # (N, 1): the length of each response's prompt
         R = xr.shape[1]
-        pos_r = n_prompt[:, None] + torch.arange(R, device=x.device)
+        pos_r = n_prompt + torch.arange(R, device=x.device)
         mask_r = build_mask(torch.cat([valid[r], b["resp_valid"]], 1))[:, :, -R:]
         out_r, (h_r,) = self.llm(xr, pos_r, mask_r, cache, keep=(cfg.evi_layer,))
         # The states that predict response token j: the prompt's last position for j = 0, response position j - 1.
