@@ -259,6 +259,7 @@ class VideoDataset:
         self.video = dict(fps=fps, size=size, max_frames=max_frames, encode=encode, tag=tag)
         self.rejected = rejected
         self.target = dict(alpha=alpha, exact=exact)  # frame_targets' soft target settings
+        self.text = {}  # record i -> its tokens and frame targets, made on first use (its frames stay in the cache)
 
     def __len__(self):
         return len(self.records)
@@ -266,14 +267,15 @@ class VideoDataset:
     def __getitem__(self, i):
         r = self.records[i]
         x, times = self.cache.get(self.root / r["video"], **self.video)
-        question = turns(r)["human"].replace("<image>\n", "").replace("<image>", "")
-        prompt = torch.tensor(self.tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's: <evi> are src's
-        answers = [r] if self.rejected is None else [r, self.rejected[i]]
-        return dict(ids=prompt, frames=x if self.video["encode"] else normalize(x), times=times,
-                    q_ids=torch.tensor(self.q_tokenize(question)),
-                    src_pos=(prompt == self.tok.evi_id).nonzero().flatten(),  # question-side <evi>, one per interval
-                    src_span=frame_spans(times, r.get("src", []), self.video["fps"]),
-                    responses=[self.response(a, times) for a in answers])
+        if i not in self.text:
+            question = turns(r)["human"].replace("<image>\n", "").replace("<image>", "")
+            prompt = torch.tensor(self.tok.prompt(question, ("<evi>",), len(times)))  # as eval.answer's: <evi> = src
+            answers = [r] if self.rejected is None else [r, self.rejected[i]]
+            self.text[i] = dict(ids=prompt, q_ids=torch.tensor(self.q_tokenize(question)),
+                                src_pos=(prompt == self.tok.evi_id).nonzero().flatten(),  # question-side <evi>
+                                src_span=frame_spans(times, r.get("src", []), self.video["fps"]),
+                                responses=[self.response(a, times) for a in answers])
+        return dict(self.text[i], frames=x if self.video["encode"] else normalize(x), times=times)
 
     def response(self, r, times):
         """Record r's response apart from the prompt (the generation prompt), <|end|> included, and its <evi>: the
