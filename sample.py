@@ -73,11 +73,15 @@ def main(argv):
     ap.add_argument("--sentsim", metavar="MINILM_DIR", help="with --eval: all-MiniLM-L6-v2 (safetensors) for Sim")
     ap.add_argument("--out", metavar="PRED.jsonl", help="with --eval: the predictions (default: in the checkpoint)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--jobs", type=int, help="with --eval on the CPU: processes answering, one thread each (default: "
+                    "one per core)")
     a = ap.parse_args(argv)
     if not a.temperature >= 0:  # nor NaN; as every check here, before the long work
         ap.error(f"--temperature {a.temperature}: give a number >= 0 (0: greedy)")
     if a.evi_threshold is not None and not 0 < a.evi_threshold <= 1:
         ap.error(f"--evi_threshold {a.evi_threshold}: give a number in (0, 1]")
+    if a.jobs is not None and a.jobs < 1:
+        ap.error(f"--jobs {a.jobs}: give at least 1")
     if a.max_new_tokens < 4:
         ap.error(f"--max-new-tokens {a.max_new_tokens}: give at least 4 (<evi>, </evi>, a word, <|end|>)")
     try:
@@ -118,7 +122,7 @@ def main(argv):
             out = a.out or predictions_path(ckpt, a.eval, a.temperature, a.evi_threshold)
             writable(out, "--out")  # the default is in the checkpoint's folder, which may be read-only
             m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
-                         rank, world)
+                         rank, world, a.jobs or (os.cpu_count() if a.device == "cpu" else 1))
             if rank == 0:
                 print(f"== {ckpt}")
                 print_metrics(m)

@@ -365,7 +365,8 @@ def main(argv):
                 break
             name = os.path.splitext(os.path.basename(path))[0]
             with amp(dev):
-                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(run.out, path))
+                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(run.out, path),
+                                         jobs=os.cpu_count() if dev == "cpu" else 1)
             print(f"== {path}")
             print_metrics(metrics[name])
         if metrics:

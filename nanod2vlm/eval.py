@@ -18,6 +18,7 @@ import argparse
 import glob
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -169,9 +170,10 @@ def predictions_path(ckpt, ann_path, temperature=0.0, evi_threshold=None):
 
 
 def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048, temperature=0.0, sentsim=None,
-             rank=0, world=1):
+             rank=0, world=1, jobs=1):
     """Answer this rank's share (records[rank::world]) of the records not yet in `out`, appending each prediction
-    to `out` (or to `out`.rankN, merged by rank 0), then score -> metrics (rank 0; None on the others)."""
+    to `out` (or to `out`.rankN, merged by rank 0), then score -> metrics (rank 0; None on the others). jobs > 1
+    (one process, on the CPU): that many forked processes answer, one thread each, writing `out`.rankN."""
     cfg = model.cfg
     kind, recs, root = read_benchmark(path, videos)
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
@@ -188,17 +190,36 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
     todo = [r for r in recs if key(r) not in done][rank::world]
     if done and rank == 0:
         print(f"{out}: {len(done)} of {len(recs)} records answered before; continuing")
-    mine = out if world == 1 else f"{out}.rank{rank}"
-    os.makedirs(os.path.dirname(os.path.abspath(mine)), exist_ok=True)
-    with open(mine, "a", buffering=1) as f:  # line-buffered: each prediction is on disk when written
-        total, seen = Counter(r["task"] for r in todo), Counter()
-        for r in (bar := tqdm(todo, desc=os.path.basename(path), dynamic_ncols=True, position=rank)):
-            seen[r["task"]] += 1
-            bar.set_postfix_str(f"{r['task']} {seen[r['task']]}/{total[r['task']]}")  # progress within each task
-            frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
-            a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature, _src(r.get("src") or []),
-                       1.2 if r["task"] in PENALIZED else 1.0)
-            f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
+
+    def answer_all(share, file, position):  # appends each prediction to file as it comes
+        os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+        with open(file, "a", buffering=1) as f:  # line-buffered: each prediction is on disk when written
+            total, seen = Counter(r["task"] for r in share), Counter()
+            for r in (bar := tqdm(share, desc=os.path.basename(path), dynamic_ncols=True, position=position)):
+                seen[r["task"]] += 1
+                bar.set_postfix_str(f"{r['task']} {seen[r['task']]}/{total[r['task']]}")  # progress in each task
+                frames, times = cache.get(os.path.join(root, r["video"]), cfg.fps, cfg.img_size, cfg.max_frames)
+                a = answer(model, tok, wp, frames, times, r["q"], max_new_tokens, temperature,
+                           _src(r.get("src") or []), 1.2 if r["task"] in PENALIZED else 1.0)
+                f.write(json.dumps(dict(r, a=a["raw"])) + "\n")
+
+    def child(_, j):  # forked process j of jobs (through cli: a bad input ends it in one line)
+        torch.set_num_threads(1)
+        answer_all(todo[j::jobs], f"{out}.rank{j}", j)
+
+    # decoding one token at a time is mostly per-op overhead, which a second thread does not share but a second
+    # process does (the children share the parent's memory until they write; README: speed)
+    jobs = min(jobs, len(todo)) if world == 1 else 1
+    if jobs > 1:
+        procs = [multiprocessing.get_context("fork").Process(target=cli(partial(child, j=j))) for j in range(jobs)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode for p in procs):
+            raise InputError(f"{path}: an evaluation process failed (its error is above); run again to continue")
+    else:
+        answer_all(todo, out if world == 1 else f"{out}.rank{rank}", rank)
     if world > 1:
         dist.barrier()
     if rank > 0:

@@ -3,6 +3,7 @@ synthetic world, on a tiny trained checkpoint; the released prompt and question-
 continues; several processes; parse failures counted and shown."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -109,7 +110,7 @@ def scripted(monkeypatch):
 def test_etbench_all_tasks_both_scorers(run, files, capsys, scripted, tmp_path):
     out = tmp_path / "pred.jsonl"
     text = ask(capsys, "--eval", files / "etbench.json", "--videos", files.parent / "world" / "videos", "--ckpt", run,
-               "--out", out)
+               "--out", out, "--jobs=1")  # the scripted model's calls are seen in this process only
     recs, preds = json.loads((files / "etbench.json").read_text()), lines(out)
     assert preds == [dict(r, a=SCRIPT[r["task"]]) for r in recs]  # each record plus its answer as rendered
     # the released prompt: <image> and the question in the chat template, one placeholder per frame
@@ -160,7 +161,7 @@ def test_sentsim_gives_sim_and_settles_letters(run, files, capsys, scripted, tmp
                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     transformers.BertModel(cfg).save_pretrained(d)
     text = ask(capsys, "--eval", files / "etbench.json", "--videos", files.parent / "world" / "videos", "--ckpt", run,
-               "--out", tmp_path / "p.jsonl", "--sentsim", d)
+               "--out", tmp_path / "p.jsonl", "--sentsim", d, "--jobs=1")
     new = etbench_scores(lines(tmp_path / "p.jsonl"), "new", SentSim(d))
     rows = {name.strip(): rest for name, _, rest in (line.partition(": ") for line in text.splitlines())}
     assert new["tasks"]["dvc"]["Sim"] is not None and f"Sim={ev._fmt('', 100 * new['tasks']['dvc']['Sim'])}" in rows["dvc"]
@@ -170,7 +171,8 @@ def test_sentsim_gives_sim_and_settles_letters(run, files, capsys, scripted, tmp
 
 def test_charades_and_youcook2(run, files, capsys, scripted, tmp_path):
     vids = files.parent / "world" / "videos"
-    text = ask(capsys, "--eval", files / "charades.json", "--videos", vids, "--ckpt", run, "--out", tmp_path / "c.jsonl")
+    text = ask(capsys, "--eval", files / "charades.json", "--videos", vids, "--ckpt", run, "--out", tmp_path / "c.jsonl",
+               "--jobs=1")
     prompts = [c["prompt"] for c in scripted]
     assert ("find a visual event described by the sentence: 'a red square appears'. The format of your response "
             "should be: 'The event happens in <start time> - <end time>'.") in prompts[0]  # its periods stripped
@@ -180,7 +182,8 @@ def test_charades_and_youcook2(run, files, capsys, scripted, tmp_path):
     assert "parsed=(R@0.3=100  R@0.5=50  R@0.7=50  mIoU=0.6667)" in line
     assert "all=(R@0.3=66.67  R@0.5=33.33  R@0.7=33.33  mIoU=0.4444)" in line
     assert charades_scores([p["a"] for p in lines(tmp_path / "c.jsonl")], [[2, 6], [0, 4], [1, 3]])["failures"] == 1
-    text = ask(capsys, "--eval", files / "youcook2.json", "--videos", vids, "--ckpt", run, "--out", tmp_path / "y.jsonl")
+    text = ask(capsys, "--eval", files / "youcook2.json", "--videos", vids, "--ckpt", run, "--out", tmp_path / "y.jsonl",
+               "--jobs=1")
     assert all("densly describe all the cooking steps" in c["prompt"] for c in scripted[3:])
     line = next(x for x in text.splitlines() if x.strip().startswith("YouCook2:"))
     # video 0: both steps exactly (F1 1); video 1: [0, 3] hits its [1, 5] at IoU 0.4 > 0.3 only: P 1/2 * 1/4,
@@ -196,7 +199,7 @@ def test_killed_run_continues_where_it_stopped(run, files, capsys, monkeypatch, 
     """The real tiny model: a run killed after 5 answers (and a half-written line) continues to the file an
     uninterrupted run writes."""
     argv = ["--eval", files / "etbench.json", "--videos", files.parent / "world" / "videos", "--ckpt", run,
-            "--max-new-tokens=6"]
+            "--max-new-tokens=6", "--jobs=1"]  # the kill is raised in this process
     ask(capsys, *argv, "--out", tmp_path / "whole.jsonl")
     answer, calls, alive = ev.answer, [], [5]
 
@@ -233,6 +236,31 @@ def test_two_processes_split_the_records(run, files, capsys, tmp_path):
     assert p.stdout.count("Table 1, new") == 1  # rank 0 alone scores and prints
     table = lambda s: [x for x in s.splitlines() if x.strip().startswith("Table 1")]  # noqa: E731
     assert table(p.stdout) == table(one) and len(table(one)) == 2
+
+
+def test_forked_processes_answer_as_one_does(run, files, capfd, tmp_path):
+    """--jobs=2 (forked processes, one thread each, each writing its own part): the predictions file one process
+    writes; a video that cannot be decoded ends the run in one line per process, what was answered kept."""
+    videos = tmp_path / "videos"
+    shutil.copytree(files.parent / "world" / "videos", videos)
+    argv = ["--eval", files / "etbench.json", "--videos", videos, "--ckpt", run, "--max-new-tokens=6"]
+    ask(capfd, *argv, "--jobs=1", "--out", tmp_path / "one.jsonl")
+    ask(capfd, *argv, "--jobs=2", "--out", tmp_path / "two.jsonl")
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("two.jsonl.rank*"))
+    good = (videos / "test_0001.mp4").read_bytes()
+    (videos / "test_0001.mp4").write_bytes(b"not a video")  # the records alternate videos: process 1 has all of it
+    with pytest.raises(SystemExit) as e:
+        ask(capfd, *argv, "--jobs=2", "--out", tmp_path / "bad.jsonl")
+    assert str(e.value.code) == f"error: {files}/etbench.json: an evaluation process failed (its error is above); " \
+                                "run again to continue"
+    errors = [x for x in capfd.readouterr().err.splitlines() if x.startswith("error: ")]
+    assert errors == [f"error: {videos}/test_0001.mp4: cannot decode: Invalid data found when processing input "
+                      "(not a video file, or truncated?)"]
+    assert len(lines(tmp_path / "bad.jsonl.rank0")) == 6 and not lines(tmp_path / "bad.jsonl.rank1")
+    (videos / "test_0001.mp4").write_bytes(good)
+    assert "6 of 12 records answered before" in ask(capfd, *argv, "--jobs=2", "--out", tmp_path / "bad.jsonl")
+    assert (tmp_path / "bad.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
 
 
 def test_world_through_the_same_scorers(run, tiny_world, capsys):
