@@ -74,7 +74,7 @@ def main(argv):
     ap.add_argument("--out", metavar="PRED.jsonl", help="with --eval: the predictions (default: in the checkpoint)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--jobs", type=int, help="with --eval on the CPU: processes answering, one thread each (default: "
-                    "one per core)")
+                    "torch's thread count, one per core unless OMP_NUM_THREADS says)")
     a = ap.parse_args(argv)
     if not a.temperature >= 0:  # nor NaN; as every check here, before the long work
         ap.error(f"--temperature {a.temperature}: give a number >= 0 (0: greedy)")
@@ -122,7 +122,7 @@ def main(argv):
             out = a.out or predictions_path(ckpt, a.eval, a.temperature, a.evi_threshold)
             writable(out, "--out")  # the default is in the checkpoint's folder, which may be read-only
             m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
-                         rank, world, a.jobs or (os.cpu_count() if a.device == "cpu" else 1))
+                         rank, world, a.jobs or (torch.get_num_threads() if a.device == "cpu" else 1))
             if rank == 0:
                 print(f"== {ckpt}")
                 print_metrics(m)

@@ -366,7 +366,7 @@ def main(argv):
             name = os.path.splitext(os.path.basename(path))[0]
             with amp(dev):
                 metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(run.out, path),
-                                         jobs=os.cpu_count() if dev == "cpu" else 1)
+                                         jobs=torch.get_num_threads() if dev == "cpu" else 1)
             print(f"== {path}")
             print_metrics(metrics[name])
         if metrics:
