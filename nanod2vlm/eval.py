@@ -205,7 +205,10 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
 
     def child(_, j):  # forked process j of jobs (through cli: a bad input ends it in one line)
         torch.set_num_threads(1)
-        answer_all(todo[j::jobs], f"{out}.rank{j}", j)
+        try:
+            answer_all(todo[j::jobs], f"{out}.rank{j}", j)
+        except KeyboardInterrupt:  # Ctrl-C reaches every process: the parent alone reports it
+            sys.exit(130)
 
     # decoding one token at a time is mostly per-op overhead, which a second thread does not share but a second
     # process does (the children share the parent's memory until they write; README: speed)
