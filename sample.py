@@ -122,7 +122,7 @@ def main(argv):
             out = a.out or predictions_path(ckpt, a.eval, a.temperature, a.evi_threshold)
             writable(out, "--out")  # the default is in the checkpoint's folder, which may be read-only
             m = evaluate(model, tok, wp, a.eval, cache, out, a.videos, a.max_new_tokens, a.temperature, sentsim,
-                         rank, world, a.jobs or (torch.get_num_threads() if a.device == "cpu" else 1))
+                         rank, world, a.jobs)
             if rank == 0:
                 print(f"== {ckpt}")
                 print_metrics(m)

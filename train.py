@@ -365,8 +365,7 @@ def main(argv):
                 break
             name = os.path.splitext(os.path.basename(path))[0]
             with amp(dev):
-                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(run.out, path),
-                                         jobs=torch.get_num_threads() if dev == "cpu" else 1)
+                metrics[name] = evaluate(model.eval(), tok, wp, path, cache, predictions_path(run.out, path))
             print(f"== {path}")
             print_metrics(metrics[name])
         if metrics:

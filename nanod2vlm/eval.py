@@ -170,10 +170,11 @@ def predictions_path(ckpt, ann_path, temperature=0.0, evi_threshold=None):
 
 
 def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048, temperature=0.0, sentsim=None,
-             rank=0, world=1, jobs=1):
+             rank=0, world=1, jobs=None):
     """Answer this rank's share (records[rank::world]) of the records not yet in `out`, appending each prediction
-    to `out` (or to `out`.rankN, merged by rank 0), then score -> metrics (rank 0; None on the others). jobs > 1
-    (one process, on the CPU): that many forked processes answer, one thread each, writing `out`.rankN."""
+    to `out` (or to `out`.rankN, merged by rank 0), then score -> metrics (rank 0; None on the others). One
+    process with the model on the CPU: `jobs` forked processes answer (default: torch's thread count), one thread
+    each, writing `out`.rankN."""
     cfg = model.cfg
     kind, recs, root = read_benchmark(path, videos)
     key = lambda r: (r["task"], r["source"], r["idx"])  # noqa: E731
@@ -212,7 +213,8 @@ def evaluate(model, tok, wp, path, cache, out, videos=None, max_new_tokens=2048,
 
     # decoding one token at a time is mostly per-op overhead, which a second thread does not share but a second
     # process does (the children share the parent's memory until they write; README: speed)
-    jobs = min(jobs, len(todo)) if world == 1 else 1
+    on_cpu = next(model.parameters()).device.type == "cpu"  # a CUDA context does not survive a fork
+    jobs = min(jobs or torch.get_num_threads(), len(todo)) if world == 1 and on_cpu else 1
     if jobs > 1:
         procs = [multiprocessing.get_context("fork").Process(target=cli(partial(child, j=j))) for j in range(jobs)]
         for p in procs:
